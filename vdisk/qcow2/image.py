@@ -1,0 +1,921 @@
+"""A qcow2 image: open, create, read, write, zero, discard, flush, rebase.
+
+Design notes
+============
+Metadata lives in memory, written back at flush (QEMU's qcow2 cache, simplified):
+
+* The L1 table and the refcount table are loaded whole (both are bounded on open: 32 MiB and 8 MiB).
+* L2 tables and refcount blocks sit in bounded LRU caches (``Table``: bytes + numpy view + dirty flag), so
+  memory does not grow with the virtual size.  A dirty table is only dropped after a metadata flush.
+
+Crash ordering (a crash may leak clusters, never corrupt):
+
+1. Data is written to its host cluster before any L2 entry that exposes it reaches the disk.
+2. A refcount is raised (and durable) before an L2/L1 entry pointing at the cluster reaches the disk.
+3. A pointer is removed (and durable) before the cluster's refcount drops: freed clusters wait in
+   ``_pending_free`` with their refcount still held, so they cannot be reused, until a flush has made the
+   L2/L1 tables that no longer point at them durable.
+
+``flush()`` therefore runs: fdatasync (data) -> write refcount blocks and table -> fdatasync -> write L2 tables,
+then L1 -> fdatasync -> release pending frees (in memory; written by the next flush).  A table that points at
+a new table (refcount table -> block, L1 -> L2) is written after what it points to.
+
+Locking: ``self.lock`` (an RLock) covers every metadata structure: caches, L1, refcounts, the allocator and
+the pending frees.  Payload I/O runs outside it.  Two calls must not touch the same guest cluster at the same
+time; the block device (``vdisk.blockdev``) guarantees that with its range locks.  A single-threaded user gets
+it for free.  ``flush()`` fdatasyncs data without the lock, then takes it for the metadata phase only.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vdisk import locking, native
+from vdisk.errors import CorruptImage, FormatError, OutOfRange, ReadOnlyError, StorageError, UnsupportedFeature
+from vdisk.qcow2 import format as fmt
+from vdisk.qcow2.tables import RefcountBlock, Table, l2_units, runs
+
+if TYPE_CHECKING:
+    from vdisk.backend import Backend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 4 * 1024 * 1024
+
+
+class Qcow2Image:
+    """One qcow2 file.  ``backing`` (set by the chain opener) supplies unallocated ranges."""
+
+    format_name = "qcow2"
+
+    def __init__(self, path: str, fd: int, header: fmt.Header, *, read_only: bool, cache_bytes: int):
+        self.path = path
+        self.fd = fd
+        self.header = header
+        self.read_only = read_only
+        self.backing: Backend | None = None
+        self.lock = threading.RLock()
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.size = header.size
+        self.extended_l2 = header.extended_l2
+        self.unit_size = self.cluster_size // (fmt.SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1)
+        self.l2_entries = header.l2_entries
+        self.l2_words = 2 if self.extended_l2 else 1
+        self.has_zero_flag = header.version >= 3
+        self.refcount_block_entries = self.cluster_size * 8 // header.refcount_bits
+        self._cache_tables = max(4, cache_bytes // self.cluster_size)
+        self._l2_cache: collections.OrderedDict[int, Table] = collections.OrderedDict()
+        self._refblock_cache: collections.OrderedDict[int, RefcountBlock] = collections.OrderedDict()
+        self._pending_free: list[int] = []
+        self._l1_dirty = False
+        self._reftable_dirty = False
+        self._reftable_moved: tuple[int, int] | None = None  # old table (offset, clusters) to free once durable
+        self._decompressed: tuple[int, bytes] | None = None
+        self._closed = False
+        if header.compression_type == fmt.COMPRESSION_ZSTD:
+            import zstandard
+
+            self._zstd = zstandard.ZstdDecompressor()
+        self._load_tables()
+        self._host_end = self._initial_host_end()
+        self._free_hint = 0
+
+    # ---------------------------------------------------------------------------------------------------
+    # open / create / close
+
+    @classmethod
+    def open(
+                cls,
+        path: str,
+        *,
+        read_only: bool = False,
+        force_share: bool = False,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        repair: bool = True,
+    ) -> Qcow2Image:
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=path, action="open") from exc
+        try:
+            locking.lock_image(fd, path, write=not read_only, force_share=force_share)
+            file_size = os.fstat(fd).st_size
+            first = os.pread(fd, 1 << fmt.MAX_CLUSTER_BITS, 0)
+            header = fmt.parse_header(first, path=path, file_size=file_size)
+            first = first[: header.cluster_size]
+            if not read_only:
+                if header.incompatible_features & fmt.INCOMPAT_CORRUPT:
+                    raise CorruptImage(
+                        "image is marked corrupt; it can only be opened read-only",
+                        path=path,
+                        field="incompatible_features",
+                        offset=fmt.OFFSET_INCOMPATIBLE_FEATURES,
+                    )
+                if header.nb_snapshots:
+                    raise UnsupportedFeature(
+                        f"image has {header.nb_snapshots} internal snapshots; vdisk opens such images read-only",
+                        path=path,
+                        field="nb_snapshots",
+                        offset=60,
+                    )
+            image = cls(path, fd, header, read_only=read_only, cache_bytes=cache_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not read_only:
+            try:
+                image._open_for_writing(repair)
+            except BaseException:
+                image.close()
+                raise
+        return image
+
+    def _open_for_writing(self, repair: bool) -> None:
+        h = self.header
+        if h.incompatible_features & fmt.INCOMPAT_DIRTY:
+            if not repair:
+                raise CorruptImage("image is dirty and repair was not allowed", path=self.path, field="dirty bit")
+            from vdisk.qcow2.check import check_image
+
+            log.warning("%s: dirty bit set (not closed cleanly); repairing refcounts as QEMU does", self.path)
+            check_image(self, repair="all")
+            self._write_header_u64(fmt.OFFSET_INCOMPATIBLE_FEATURES, h.incompatible_features & ~fmt.INCOMPAT_DIRTY)
+            h.incompatible_features &= ~fmt.INCOMPAT_DIRTY
+        if h.version >= 3 and h.autoclear_features & ~fmt.AUTOCLEAR_KEPT:
+            log.info("%s: clearing autoclear feature bits %#x", self.path, h.autoclear_features)
+            h.autoclear_features &= fmt.AUTOCLEAR_KEPT
+            self._write_header_u64(fmt.OFFSET_AUTOCLEAR_FEATURES, h.autoclear_features)
+            self._fdatasync()
+
+    def _write_header_u64(self, offset: int, value: int) -> None:
+        self._pwrite(fmt.U64.pack(value), offset)
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        size: int,
+        *,
+        cluster_size: int = 65536,
+        version: int = 3,
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+        extended_l2: bool = False,
+        refcount_bits: int = 16,
+        compression_type: int = fmt.COMPRESSION_ZLIB,
+    ) -> None:
+        """Write a new empty image at ``path`` (truncating it), laid out like qemu-img's."""
+        cluster_bits = cluster_size.bit_length() - 1
+        if 1 << cluster_bits != cluster_size or not fmt.MIN_CLUSTER_BITS <= cluster_bits <= fmt.MAX_CLUSTER_BITS:
+            raise OutOfRange(f"cluster size {cluster_size} must be a power of two from 512 to 2 MiB")
+        if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
+            raise OutOfRange(f"refcount bits {refcount_bits} must be a power of two from 1 to 64")
+        if version == 2 and (refcount_bits != 16 or extended_l2 or compression_type != fmt.COMPRESSION_ZLIB):
+            raise OutOfRange("compat=0.10 images only have 16-bit refcounts, no extended L2, zlib compression")
+        if extended_l2 and cluster_bits < 14:
+            raise OutOfRange("extended L2 entries need clusters of at least 16 KiB")
+        if size < 0 or size > fmt.MAX_VIRTUAL_SIZE:
+            raise OutOfRange(f"size {size} outside 0..{fmt.MAX_VIRTUAL_SIZE}")
+        if backing_file is not None and len(backing_file.encode()) > fmt.MAX_BACKING_FILE_NAME:
+            raise OutOfRange(f"backing file name longer than {fmt.MAX_BACKING_FILE_NAME} bytes")
+        refcount_order = refcount_bits.bit_length() - 1
+        entry_bytes = 16 if extended_l2 else 8
+        l1_size = max(1, -(-size // ((cluster_size // entry_bytes) * cluster_size)))
+        l1_clusters = -(-l1_size * 8 // cluster_size)
+        if l1_size * 8 > fmt.MAX_L1_BYTES:
+            raise OutOfRange(f"size {size} needs an L1 table larger than {fmt.MAX_L1_BYTES} bytes")
+        per_block = cluster_size * 8 // refcount_bits
+        reftable_clusters, refblocks = 1, 1
+        while True:
+            total = 1 + reftable_clusters + refblocks + l1_clusters
+            need_blocks = -(-total // per_block)
+            need_table = -(-need_blocks * 8 // cluster_size)
+            if need_blocks <= refblocks and need_table <= reftable_clusters:
+                break
+            refblocks, reftable_clusters = max(refblocks, need_blocks), max(reftable_clusters, need_table)
+        reftable_offset = cluster_size
+        refblock_offset = reftable_offset + reftable_clusters * cluster_size
+        l1_offset = refblock_offset + refblocks * cluster_size
+        total = 1 + reftable_clusters + refblocks + l1_clusters
+        incompat = (fmt.INCOMPAT_EXTL2 if extended_l2 else 0) | (
+            fmt.INCOMPAT_COMPRESSION if compression_type != fmt.COMPRESSION_ZLIB else 0
+        )
+        header = fmt.Header(
+            version=version,
+            backing_file_offset=0,
+            backing_file_size=0,
+            cluster_bits=cluster_bits,
+            size=size,
+            crypt_method=fmt.CRYPT_NONE,
+            l1_size=l1_size,
+            l1_table_offset=l1_offset,
+            refcount_table_offset=reftable_offset,
+            refcount_table_clusters=reftable_clusters,
+            nb_snapshots=0,
+            snapshots_offset=0,
+            incompatible_features=incompat,
+            refcount_order=refcount_order,
+            header_length=fmt.HEADER_V3_LENGTH if version >= 3 else fmt.HEADER_V2_LENGTH,
+            compression_type=compression_type,
+            extensions=fmt.build_extensions(backing_format if backing_file else None, feature_names=version >= 3),
+        )
+        first = _first_cluster(header, backing_file, path)
+        reftable = np.zeros(reftable_clusters * cluster_size // 8, dtype=">u8")
+        reftable[:refblocks] = refblock_offset + np.arange(refblocks, dtype=np.uint64) * cluster_size
+        blocks = [RefcountBlock(0, bytearray(cluster_size), refcount_order) for _ in range(refblocks)]
+        for cluster in range(total):
+            blocks[cluster // per_block].set(cluster % per_block, 1)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=path, action="create") from exc
+        try:
+            os.pwrite(fd, first, 0)
+            os.pwrite(fd, reftable.tobytes(), reftable_offset)
+            for i, block in enumerate(blocks):
+                os.pwrite(fd, bytes(block.data), refblock_offset + i * cluster_size)
+            os.ftruncate(fd, l1_offset + l1_clusters * cluster_size)
+            os.fsync(fd)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=path, action="create") from exc
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+        finally:
+            self._closed = True
+            os.close(self.fd)
+
+    # ---------------------------------------------------------------------------------------------------
+    # low-level I/O with errors mapped into our tree
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=self.path, action=f"read at {offset:#x}") from exc
+        return data.ljust(length, b"\0")
+
+    def _pread_into(self, view: memoryview, offset: int) -> None:
+        try:
+            native.pread_full(self.fd, view, offset)
+        except StorageError as exc:
+            exc.path = self.path
+            raise
+
+    def _pwrite(self, data, offset: int) -> None:
+        try:
+            native.pwrite_full(self.fd, data, offset)
+        except StorageError as exc:
+            exc.path = self.path
+            raise
+
+    def _pwritev(self, buffers: list, offset: int) -> None:
+        if len(buffers) == 1:
+            self._pwrite(buffers[0], offset)
+            return
+        try:
+            total = sum(len(b) for b in buffers)
+            done = os.pwritev(self.fd, buffers, offset)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=self.path, action=f"write at {offset:#x}") from exc
+        if done < total:
+            joined = b"".join(bytes(b) for b in buffers)
+            self._pwrite(memoryview(joined)[done:], offset + done)
+
+    def _fdatasync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=self.path, action="fdatasync") from exc
+
+    # ---------------------------------------------------------------------------------------------------
+    # tables
+
+    def _load_tables(self) -> None:
+        h = self.header
+        self._l1 = Table(h.l1_table_offset, bytearray(self._pread(h.l1_size * 8, h.l1_table_offset)))
+        bad = np.flatnonzero(self._l1.view.astype(np.uint64) & np.uint64(fmt.L1E_RESERVED_MASK))
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptImage("L1 entry has reserved bits set", path=self.path, field=f"l1[{i}]",
+                               offset=h.l1_table_offset + 8 * i)
+        l2_offsets = self._l1.view.astype(np.uint64) & np.uint64(fmt.L1E_OFFSET_MASK)
+        misaligned = np.flatnonzero(l2_offsets % np.uint64(self.cluster_size))
+        if misaligned.size:
+            i = int(misaligned[0])
+            raise CorruptImage("L2 table offset not cluster aligned", path=self.path, field=f"l1[{i}]",
+                               offset=h.l1_table_offset + 8 * i)
+        rt_bytes = h.refcount_table_clusters * self.cluster_size
+        self._reftable = Table(h.refcount_table_offset, bytearray(self._pread(rt_bytes, h.refcount_table_offset)))
+        blocks = self._reftable.view.astype(np.uint64)
+        misaligned = np.flatnonzero((blocks & np.uint64(fmt.REFT_OFFSET_MASK)) % np.uint64(self.cluster_size))
+        if misaligned.size:
+            i = int(misaligned[0])
+            raise CorruptImage("refcount block offset not cluster aligned", path=self.path,
+                               field=f"refcount_table[{i}]", offset=h.refcount_table_offset + 8 * i)
+
+    def _initial_host_end(self) -> int:
+        file_end = os.fstat(self.fd).st_size
+        end = -(-file_end // self.cluster_size) * self.cluster_size
+        return max(end, self.header.refcount_table_offset + self.header.refcount_table_clusters * self.cluster_size,
+                   self.header.l1_table_offset + -(-self.header.l1_size * 8 // self.cluster_size) * self.cluster_size)
+
+    def _check_host_offset(self, host_offset: int, field: str, length: int | None = None) -> None:
+        if host_offset % self.cluster_size or host_offset + (length or self.cluster_size) > fmt.MAX_HOST_OFFSET:
+            raise CorruptImage(f"table offset {host_offset:#x} invalid", path=self.path, field=field)
+
+    def _check_inside_file(self, host_offset: int, field: str) -> None:
+        file_size = os.fstat(self.fd).st_size
+        if host_offset + self.cluster_size > file_size:
+            raise CorruptImage(f"table at {host_offset:#x} lies past the end of the file ({file_size} bytes)",
+                               path=self.path, field=field)
+
+    def _cached(self, cache: collections.OrderedDict, host_offset: int, load: Callable[[], Table]) -> Table:
+        table = cache.get(host_offset)
+        if table is not None:
+            cache.move_to_end(host_offset)
+            return table
+        table = load()
+        cache[host_offset] = table
+        self._trim_caches()
+        return table
+
+    def _trim_caches(self) -> None:
+        for cache in (self._l2_cache, self._refblock_cache):
+            while len(cache) > self._cache_tables:
+                clean = next((k for k, t in cache.items() if not t.dirty), None)
+                if clean is None:
+                    self._fdatasync()
+                    self._flush_metadata()
+                    continue
+                del cache[clean]
+
+    def _l2_table(self, l1_index: int) -> Table | None:
+        entry = int(self._l1.view[l1_index])
+        host = entry & fmt.L1E_OFFSET_MASK
+        if not host:
+            return None
+        return self._cached(self._l2_cache, host, lambda: self._load_l2(host, l1_index))
+
+    def _load_l2(self, host: int, l1_index: int) -> Table:
+        self._check_host_offset(host, f"l1[{l1_index}]")
+        self._check_inside_file(host, f"l1[{l1_index}]")
+        return Table(host, bytearray(self._pread(self.cluster_size, host)))
+
+    def _refblock(self, rt_index: int) -> RefcountBlock | None:
+        if rt_index >= len(self._reftable.view):
+            return None
+        host = int(self._reftable.view[rt_index]) & fmt.REFT_OFFSET_MASK
+        if not host:
+            return None
+
+        def load() -> RefcountBlock:
+            self._check_host_offset(host, f"refcount_table[{rt_index}]")
+            self._check_inside_file(host, f"refcount_table[{rt_index}]")
+            return RefcountBlock(host, bytearray(self._pread(self.cluster_size, host)), self.header.refcount_order)
+
+        return self._cached(self._refblock_cache, host, load)  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------------------------
+    # refcounts and allocation (caller holds self.lock)
+
+    def refcount(self, cluster_index: int) -> int:
+        block = self._refblock(cluster_index // self.refcount_block_entries)
+        return block.get(cluster_index % self.refcount_block_entries) if block else 0
+
+    def _set_refcount(self, cluster_index: int, value: int) -> None:
+        rt_index, index = divmod(cluster_index, self.refcount_block_entries)
+        block = self._refblock(rt_index) or self._new_refblock(rt_index)
+        block.set(index, value)
+
+    def _new_refblock(self, rt_index: int) -> RefcountBlock:
+        """Create the refcount block for table slot rt_index, growing the table if needed."""
+        if rt_index >= len(self._reftable.view):
+            self._grow_reftable(rt_index + 1)
+        host = self._claim_end(1)
+        block = RefcountBlock(host, bytearray(self.cluster_size), self.header.refcount_order)
+        block.dirty = True
+        self._refblock_cache[host] = block
+        self._reftable.view[rt_index] = host
+        self._reftable_dirty = True
+        own_cluster = host >> self.cluster_bits
+        if own_cluster // self.refcount_block_entries == rt_index:
+            block.set(own_cluster % self.refcount_block_entries, 1)
+        else:
+            self._set_refcount(own_cluster, 1)
+        self._trim_caches()
+        return block
+
+    def _grow_reftable(self, min_entries: int) -> None:
+        """Move the refcount table to a larger place at the end of the file (header updated at flush)."""
+        entries_per_cluster = self.cluster_size // 8
+        old_clusters = len(self._reftable.data) // self.cluster_size
+        new_clusters = max(old_clusters * 2, -(-min_entries // entries_per_cluster) + 1)
+        if new_clusters * self.cluster_size > fmt.MAX_REFCOUNT_TABLE_BYTES:
+            raise StorageError("refcount table would exceed its 8 MiB limit", path=self.path,
+                               os_errno=27)  # EFBIG
+        host = self._claim_end(new_clusters)
+        data = bytearray(new_clusters * self.cluster_size)
+        data[: len(self._reftable.data)] = self._reftable.data
+        old = (self._reftable.host_offset, old_clusters)
+        self._reftable = Table(host, data)
+        self._reftable_dirty = True
+        if self._reftable_moved is None:
+            self._reftable_moved = old
+        else:
+            self._pending_free.extend(
+                range(old[0] >> self.cluster_bits, (old[0] >> self.cluster_bits) + old[1])
+            )
+        first = host >> self.cluster_bits
+        for cluster in range(first, first + new_clusters):
+            self._set_refcount(cluster, 1)
+
+    def _claim_end(self, count: int) -> int:
+        host = self._host_end
+        self._host_end += count * self.cluster_size
+        if self._host_end > fmt.MAX_HOST_OFFSET:
+            raise StorageError("image file would exceed 2^56 bytes", path=self.path, os_errno=27)
+        return host
+
+    def _allocate(self, count: int) -> int:
+        """Allocate ``count`` contiguous clusters with refcount 1; returns the host offset of the first."""
+        host = self._find_free_run(count)
+        if host is None:
+            host = self._claim_end(count)
+        first = host >> self.cluster_bits
+        for rt_index in range(first // self.refcount_block_entries,
+                              (first + count - 1) // self.refcount_block_entries + 1):
+            block = self._refblock(rt_index) or self._new_refblock(rt_index)
+            lo = max(first, rt_index * self.refcount_block_entries) - rt_index * self.refcount_block_entries
+            hi = min(first + count, (rt_index + 1) * self.refcount_block_entries) - rt_index * self.refcount_block_entries
+            block.set_range(lo, hi, 1)
+        return host
+
+    def _find_free_run(self, count: int) -> int | None:
+        """First run of free clusters below the end of the file, from the free hint on."""
+        end_cluster = self._host_end >> self.cluster_bits
+        cluster = self._free_hint
+        per = self.refcount_block_entries
+        while cluster + count <= end_cluster:
+            rt_index, index = divmod(cluster, per)
+            block = self._refblock(rt_index)
+            if block is None:
+                return None
+            limit = min(per, end_cluster - rt_index * per)
+            found = block.first_free_run(index, count) if index < limit else None
+            if found is not None and found + count <= limit:
+                self._free_hint = rt_index * per + found + count
+                return (rt_index * per + found) << self.cluster_bits
+            if found is None:
+                self._free_hint = min(end_cluster, (rt_index + 1) * per)
+            cluster = (rt_index + 1) * per
+        return None
+
+    def _free_entry(self, entry: int) -> None:
+        """Queue the clusters an L2 entry referenced for release after the next flush."""
+        if entry & fmt.OFLAG_COMPRESSED:
+            host, length = fmt.compressed_extent(entry, self.cluster_bits)
+            first = host >> self.cluster_bits
+            last = (host + length - 1) >> self.cluster_bits
+            self._pending_free.extend(range(first, last + 1))
+        else:
+            host = entry & fmt.L2E_OFFSET_MASK
+            if host:
+                self._pending_free.append(host >> self.cluster_bits)
+
+    # ---------------------------------------------------------------------------------------------------
+    # mapping
+
+    def _entry_words(self, table: Table, index: int) -> tuple[int, int]:
+        if self.extended_l2:
+            return int(table.view[2 * index]), int(table.view[2 * index + 1])
+        return int(table.view[index]), 0
+
+    def map_units(self, guest_offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """This image's allocation over [guest_offset, +length), unit-aligned outward.
+
+        Returns runs (guest_start, byte length, kind, host offset); guest_start/length are clipped to the request.
+        Compressed runs carry the raw L2 entry as host offset.
+        """
+        out: list[tuple[int, int, int, int]] = []
+        end = guest_offset + length
+        unit = self.unit_size
+        units_per_l2 = self.l2_entries * (self.cluster_size // unit)
+        pos = guest_offset
+        with self.lock:
+            while pos < end:
+                cluster = pos >> self.cluster_bits
+                l1_index, l2_index = divmod(cluster, self.l2_entries)
+                table_end = (l1_index + 1) * self.l2_entries << self.cluster_bits
+                stop = min(end, table_end)
+                first_unit = pos // unit
+                last_unit = -(-stop // unit)
+                base_unit = l1_index * units_per_l2
+                table = self._l2_table(l1_index)
+                if table is None:
+                    out.append((pos, stop - pos, fmt.KIND_UNALLOCATED, 0))
+                    pos = stop
+                    continue
+                c0 = (first_unit - base_unit) // (self.cluster_size // unit)
+                c1 = -(-(last_unit - base_unit) // (self.cluster_size // unit))
+                words = table.view[c0 * self.l2_words : c1 * self.l2_words]
+                kinds, hosts = l2_units(words, self.extended_l2, self.cluster_bits)
+                skip = first_unit - base_unit - c0 * (self.cluster_size // unit)
+                kinds = kinds[skip : skip + last_unit - first_unit]
+                hosts = hosts[skip : skip + last_unit - first_unit]
+                self._validate_units(kinds, hosts, l1_index)
+                for u0, count, kind, host in runs(kinds, hosts, unit):
+                    start = max(pos, (first_unit + u0) * unit)
+                    stop_run = min(stop, (first_unit + u0 + count) * unit)
+                    if kind == fmt.KIND_DATA:
+                        host += start - (first_unit + u0) * unit
+                    out.append((start, stop_run - start, kind, host))
+                pos = stop
+        return out
+
+    def _validate_units(self, kinds: np.ndarray, hosts: np.ndarray, l1_index: int) -> None:
+        data = kinds == fmt.KIND_DATA
+        if not data.any():
+            return
+        h = hosts[data]
+        if (h >= np.uint64(fmt.MAX_HOST_OFFSET)).any() or (h % np.uint64(self.unit_size)).any():
+            raise CorruptImage("data cluster offset invalid (unaligned or beyond 2^56)", path=self.path,
+                               field=f"L2 table of l1[{l1_index}]")
+
+    # ---------------------------------------------------------------------------------------------------
+    # reads
+
+    def pread(self, buf, guest_offset: int) -> None:
+        """Fill ``buf`` with the guest data at guest_offset (falls through to the backing file)."""
+        view = memoryview(buf).cast("B")
+        self._check_range(guest_offset, len(view))
+        for start, length, kind, host in self.map_units(guest_offset, len(view)):
+            dst = view[start - guest_offset : start - guest_offset + length]
+            if kind == fmt.KIND_DATA:
+                self._pread_into(dst, host)
+            elif kind == fmt.KIND_ZERO:
+                _zero_fill(dst)
+            elif kind == fmt.KIND_UNALLOCATED:
+                self.read_backing(dst, start)
+            else:
+                cluster_start = start >> self.cluster_bits << self.cluster_bits
+                data = self._decompress(host)
+                dst[:] = data[start - cluster_start : start - cluster_start + length]
+
+    def read_backing(self, dst: memoryview, guest_offset: int) -> None:
+        """What an unallocated range reads as: the backing file, zeros past its end or without one."""
+        backing = self.backing
+        if backing is None or guest_offset >= backing.size:
+            _zero_fill(dst)
+            return
+        inside = min(len(dst), backing.size - guest_offset)
+        backing.pread(dst[:inside], guest_offset)
+        if inside < len(dst):
+            _zero_fill(dst[inside:])
+
+    def _decompress(self, entry: int) -> bytes:
+        cached = self._decompressed
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        host, length = fmt.compressed_extent(entry, self.cluster_bits)
+        raw = self._pread(length, host)
+        try:
+            if self.header.compression_type == fmt.COMPRESSION_ZSTD:
+                data = self._zstd.decompressobj().decompress(raw)
+            else:
+                data = zlib.decompressobj(-12).decompress(raw, self.cluster_size)
+        except Exception as exc:  # zlib.error / zstd.ZstdError: both are "this cluster is garbage"
+            raise CorruptImage(f"compressed cluster does not decompress: {exc}", path=self.path,
+                               offset=host) from exc
+        if len(data) < self.cluster_size:
+            raise CorruptImage(
+                f"compressed cluster decompresses to {len(data)} bytes, not {self.cluster_size}",
+                path=self.path, offset=host,
+            )
+        data = data[: self.cluster_size]
+        self._decompressed = (entry, data)
+        return data
+
+    def _check_range(self, guest_offset: int, length: int) -> None:
+        if guest_offset < 0 or length < 0 or guest_offset + length > self.size:
+            raise OutOfRange(
+                f"request {guest_offset}+{length} outside the disk of {self.size} bytes",
+                offset=guest_offset,
+                length=length,
+            )
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("image is open read-only", path=self.path)
+
+    # ---------------------------------------------------------------------------------------------------
+    # writes
+
+    def pwrite(self, buf, guest_offset: int, *, fua: bool = False) -> None:
+        """Write ``buf`` at guest_offset: in place where allocated, else into newly allocated clusters."""
+        self._check_writable()
+        view = memoryview(buf).cast("B")
+        self._check_range(guest_offset, len(view))
+        if not len(view):
+            return
+        cs = self.cluster_size
+        first = guest_offset >> self.cluster_bits
+        last = (guest_offset + len(view) - 1) >> self.cluster_bits
+        segments: list[tuple[int, memoryview | bytearray]] = []
+        updates: list[tuple[int, int, int]] = []  # (cluster index, descriptor, bitmap)
+        with self.lock:
+            cluster = first
+            while cluster <= last:
+                l1_index, l2_index = divmod(cluster, self.l2_entries)
+                stop = min(last + 1, (l1_index + 1) * self.l2_entries)
+                table = self._l2_table_for_write(l1_index)
+                words = table.view[l2_index * self.l2_words : (l2_index + stop - cluster) * self.l2_words]
+                descs = words[0 :: self.l2_words].astype(np.uint64)
+                in_place = ((descs & np.uint64(fmt.OFLAG_COPIED | fmt.OFLAG_COMPRESSED | fmt.OFLAG_ZERO))
+                            == np.uint64(fmt.OFLAG_COPIED)) & ((descs & np.uint64(fmt.L2E_OFFSET_MASK)) != 0)
+                if self.extended_l2:
+                    in_place &= words[1 :: 2].astype(np.uint64) == np.uint64(fmt.L2_BITMAP_ALL_ALLOC)
+                need = np.flatnonzero(~in_place)
+                new_host = self._allocate(len(need)) if len(need) else 0
+                new_index = {int(i): new_host + k * cs for k, i in enumerate(need)}
+                for i in range(stop - cluster):
+                    c = cluster + i
+                    c_start = c << self.cluster_bits
+                    lo = max(guest_offset, c_start)
+                    hi = min(guest_offset + len(view), c_start + cs)
+                    piece = view[lo - guest_offset : hi - guest_offset]
+                    if in_place[i]:
+                        segments.append((int(descs[i] & np.uint64(fmt.L2E_OFFSET_MASK)) + lo - c_start, piece))
+                        continue
+                    host = new_index[i]
+                    if hi - lo == cs:
+                        segments.append((host, piece))
+                    else:
+                        whole = bytearray(cs)
+                        self._read_cluster(memoryview(whole), c)
+                        whole[lo - c_start : hi - c_start] = piece
+                        segments.append((host, whole))
+                    updates.append((c, host | fmt.OFLAG_COPIED, fmt.L2_BITMAP_ALL_ALLOC))
+                cluster = stop
+        self._write_segments(segments)
+        if updates:
+            self._commit(updates)
+        if fua:
+            self.flush()
+
+    def _read_cluster(self, dst: memoryview, cluster: int) -> None:
+        """The current guest content of a whole cluster (for copy-on-write); caller holds the lock."""
+        c_start = cluster << self.cluster_bits
+        length = min(self.cluster_size, self.size - c_start)
+        self.pread(dst[:length], c_start)
+        if length < self.cluster_size:
+            _zero_fill(dst[length:])
+
+    def _write_segments(self, segments: list[tuple[int, memoryview | bytearray]]) -> None:
+        """One pwritev per host-contiguous run of segments."""
+        i = 0
+        while i < len(segments):
+            host, data = segments[i]
+            batch = [data]
+            end = host + len(data)
+            j = i + 1
+            while j < len(segments) and segments[j][0] == end and len(batch) < 1024:
+                batch.append(segments[j][1])
+                end += len(segments[j][1])
+                j += 1
+            self._pwritev(batch, host)
+            i = j
+
+    def _commit(self, updates: list[tuple[int, int, int]]) -> None:
+        """Point L2 entries at their new descriptors; queue what they referenced before for release."""
+        with self.lock:
+            for cluster, desc, bitmap in updates:
+                l1_index, l2_index = divmod(cluster, self.l2_entries)
+                table = self._l2_table_for_write(l1_index)
+                old = int(table.view[l2_index * self.l2_words])
+                old_host = old & fmt.L2E_OFFSET_MASK
+                if old & fmt.OFLAG_COMPRESSED or (old_host and old_host != desc & fmt.L2E_OFFSET_MASK):
+                    self._free_entry(old)
+                table.view[l2_index * self.l2_words] = desc
+                if self.extended_l2:
+                    table.view[l2_index * 2 + 1] = bitmap
+                table.dirty = True
+
+    def _l2_table_for_write(self, l1_index: int) -> Table:
+        table = self._l2_table(l1_index)
+        if table is not None:
+            if not int(self._l1.view[l1_index]) & fmt.OFLAG_COPIED:
+                raise UnsupportedFeature("shared L2 table (internal snapshot) cannot be written", path=self.path)
+            return table
+        host = self._allocate(1)
+        table = Table(host, bytearray(self.cluster_size))
+        table.dirty = True
+        self._l2_cache[host] = table
+        self._l1.view[l1_index] = host | fmt.OFLAG_COPIED
+        self._l1_dirty = True
+        self._trim_caches()
+        return self._l2_cache.get(host) or self._l2_table(l1_index)  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------------------------
+    # zero and discard
+
+    def write_zeroes(self, guest_offset: int, length: int, *, may_trim: bool = True, fua: bool = False) -> None:
+        """Make a range read as zeros; whole clusters become zero clusters, never written-out zeros."""
+        self._check_writable()
+        self._check_range(guest_offset, length)
+        head, whole_first, whole_last, tail = self._split_whole_clusters(guest_offset, length)
+        for start, count in (head, tail):
+            if count:
+                self._zero_partial(start, count)
+        if whole_last > whole_first:
+            self._set_clusters(whole_first, whole_last, zero=True, keep_allocation=not may_trim)
+        if fua:
+            self.flush()
+
+    def _zero_partial(self, start: int, count: int) -> None:
+        if all(kind == fmt.KIND_ZERO or (kind == fmt.KIND_UNALLOCATED and self.backing is None)
+               for _, _, kind, _ in self.map_units(start, count)):
+            return
+        self.pwrite(bytes(count), start)
+
+    def trim(self, guest_offset: int, length: int) -> None:
+        """Discard whole clusters in the range (partial clusters are left as they are, as QEMU does)."""
+        self._check_writable()
+        self._check_range(guest_offset, length)
+        _, whole_first, whole_last, _ = self._split_whole_clusters(guest_offset, length)
+        if whole_last > whole_first:
+            self._set_clusters(whole_first, whole_last, zero=False, keep_allocation=False)
+
+    def _split_whole_clusters(self, guest_offset: int, length: int) -> tuple[tuple[int, int], int, int, tuple[int, int]]:
+        """(head partial (start, len), first whole cluster, end whole cluster, tail partial (start, len)).
+
+        The last cluster counts as whole when the range runs to the end of the disk.
+        """
+        cs = self.cluster_size
+        end = guest_offset + length
+        first_whole = -(-guest_offset // cs)
+        last_whole = end // cs if end < self.size else -(-end // cs)
+        if last_whole <= first_whole:
+            return (guest_offset, length), 0, 0, (0, 0)
+        head = (guest_offset, first_whole * cs - guest_offset)
+        tail_start = min(last_whole * cs, end)
+        return head, first_whole, last_whole, (tail_start, end - tail_start)
+
+    def _set_clusters(self, first: int, stop: int, *, zero: bool, keep_allocation: bool) -> None:
+        """Turn whole clusters [first, stop) into zero clusters (zero=True) or discard them.
+
+        A discarded cluster reads as zeros where a backing file would show through (v3), as QEMU does.
+        v2 images have no zero flag: zeroing with a backing file writes zeros; discarding leaves them.
+        """
+        has_backing = self.backing is not None
+        if not self.has_zero_flag and has_backing:
+            if zero:
+                for cluster in range(first, stop):
+                    c_start = cluster << self.cluster_bits
+                    self.pwrite(bytes(min(self.cluster_size, self.size - c_start)), c_start)
+            return
+        use_zero_flag = self.has_zero_flag and (has_backing or (zero and keep_allocation))
+        with self.lock:
+            cluster = first
+            while cluster < stop:
+                l1_index, l2_index = divmod(cluster, self.l2_entries)
+                chunk_stop = min(stop, (l1_index + 1) * self.l2_entries)
+                table = self._l2_table(l1_index)
+                if table is None and not use_zero_flag:
+                    cluster = chunk_stop
+                    continue
+                table = table or self._l2_table_for_write(l1_index)
+                if not int(self._l1.view[l1_index]) & fmt.OFLAG_COPIED:
+                    raise UnsupportedFeature("shared L2 table (internal snapshot) cannot be written", path=self.path)
+                for i in range(l2_index, l2_index + chunk_stop - cluster):
+                    old = int(table.view[i * self.l2_words])
+                    old_host = old & fmt.L2E_OFFSET_MASK
+                    keep = keep_allocation and old_host and not old & fmt.OFLAG_COMPRESSED
+                    if keep:
+                        desc = old_host | fmt.OFLAG_COPIED
+                    else:
+                        desc = 0
+                        if old_host or old & fmt.OFLAG_COMPRESSED:
+                            self._free_entry(old)
+                    if self.extended_l2:
+                        table.view[2 * i] = desc
+                        table.view[2 * i + 1] = fmt.L2_BITMAP_ALL_ZERO if use_zero_flag else 0
+                    else:
+                        table.view[i] = desc | (fmt.OFLAG_ZERO if use_zero_flag else 0)
+                table.dirty = True
+                cluster = chunk_stop
+
+    # ---------------------------------------------------------------------------------------------------
+    # flush
+
+    def flush(self) -> None:
+        """Make every completed write durable, in crash-safe order (see the design notes)."""
+        if self.read_only or self._closed:
+            return
+        self._fdatasync()
+        with self.lock:
+            self._flush_metadata()
+
+    def _flush_metadata(self) -> None:
+        """Write dirty metadata in crash-safe order.  Caller holds self.lock; data was synced before."""
+        to_release = self._pending_free
+        self._pending_free = []
+        dirty_blocks = [b for b in self._refblock_cache.values() if b.dirty]
+        if dirty_blocks or self._reftable_dirty:
+            for block in dirty_blocks:
+                self._pwrite(block.data, block.host_offset)
+            if self._reftable_dirty:
+                self._pwrite(self._reftable.data, self._reftable.host_offset)
+            self._fdatasync()
+            for block in dirty_blocks:
+                block.dirty = False
+            if self._reftable_dirty and self._reftable_moved is not None:
+                self._pwrite(
+                    fmt.REFCOUNT_TABLE_POINTER.pack(self._reftable.host_offset,
+                                                    len(self._reftable.data) // self.cluster_size),
+                    fmt.OFFSET_REFCOUNT_TABLE,
+                )
+                self._fdatasync()
+                old_offset, old_clusters = self._reftable_moved
+                to_release.extend(range(old_offset >> self.cluster_bits,
+                                        (old_offset >> self.cluster_bits) + old_clusters))
+                self._reftable_moved = None
+                self.header.refcount_table_offset = self._reftable.host_offset
+                self.header.refcount_table_clusters = len(self._reftable.data) // self.cluster_size
+            self._reftable_dirty = False
+        dirty_l2 = [t for t in self._l2_cache.values() if t.dirty]
+        if dirty_l2 or self._l1_dirty:
+            for table in dirty_l2:
+                self._pwrite(table.data, table.host_offset)
+            if self._l1_dirty:
+                self._pwrite(self._l1.data, self._l1.host_offset)
+            self._fdatasync()
+            for table in dirty_l2:
+                table.dirty = False
+            self._l1_dirty = False
+        for cluster in to_release:
+            value = self.refcount(cluster)
+            if value:
+                self._set_refcount(cluster, value - 1)
+                if value == 1:
+                    self._free_hint = min(self._free_hint, cluster)
+
+    # ---------------------------------------------------------------------------------------------------
+    # backing pointer
+
+    def set_backing(self, backing_file: str | None, backing_format: str | None) -> None:
+        """Rewrite the backing file name and format in the header (QEMU's unsafe rebase), then fdatasync.
+
+        The whole header cluster is rewritten with one pwrite, so a reader sees the old or the new pointer.
+        """
+        self._check_writable()
+        with self.lock:
+            h = self.header
+            h.extensions = [(t, d) for t, d in h.extensions if t != fmt.EXT_BACKING_FORMAT]
+            if backing_file and backing_format:
+                h.extensions.insert(0, (fmt.EXT_BACKING_FORMAT, backing_format.encode()))
+            if h.version >= 3 and not any(t == fmt.EXT_FEATURE_NAME_TABLE for t, _ in h.extensions):
+                h.extensions.extend(fmt.build_extensions(None))
+            first = _first_cluster(h, backing_file, self.path)
+            self._pwrite(first, 0)
+            self._fdatasync()
+            h.backing_file = backing_file
+            h.backing_format = backing_format if backing_file else None
+
+
+def _first_cluster(header: fmt.Header, backing_file: str | None, path: str) -> bytes:
+    """The header cluster's meaningful bytes: header, extensions, backing name (fields updated in place)."""
+    header.backing_file_offset = 0
+    header.backing_file_size = 0
+    packed = header.pack()
+    name = backing_file.encode() if backing_file else b""
+    if len(name) > fmt.MAX_BACKING_FILE_NAME:
+        raise OutOfRange(f"backing file name longer than {fmt.MAX_BACKING_FILE_NAME} bytes")
+    if name:
+        header.backing_file_offset = len(packed)
+        header.backing_file_size = len(name)
+        packed = header.pack()
+    if len(packed) + len(name) > header.cluster_size:
+        raise FormatError("header, extensions and backing name do not fit in the first cluster", path=path)
+    return packed + name
+
+
+def _zero_fill(view: memoryview) -> None:
+    if len(view):
+        np.frombuffer(view, dtype=np.uint8)[:] = 0

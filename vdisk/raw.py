@@ -1,0 +1,129 @@
+"""A raw image file as a backend node (a base image of a chain, or a raw export)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from vdisk import locking, native
+from vdisk.errors import OutOfRange, ReadOnlyError, StorageError
+from vdisk.qcow2 import format as fmt
+
+
+class RawImage:
+    format_name = "raw"
+    backing = None
+    cluster_size = 65536
+
+    def __init__(self, path: str, fd: int, *, read_only: bool):
+        self.path = path
+        self.fd = fd
+        self.read_only = read_only
+        self.size = os.fstat(fd).st_size
+
+    @classmethod
+    def open(cls, path: str, *, read_only: bool = False, force_share: bool = False) -> RawImage:
+        try:
+            fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=path, action="open") from exc
+        try:
+            locking.lock_image(fd, path, write=not read_only, force_share=force_share)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, read_only=read_only)
+
+    @staticmethod
+    def create(path: str, size: int) -> None:
+        try:
+            with open(path, "wb") as f:
+                f.truncate(size)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=path, action="create") from exc
+
+    def _check(self, guest_offset: int, length: int) -> None:
+        if guest_offset < 0 or length < 0 or guest_offset + length > self.size:
+            raise OutOfRange(f"request {guest_offset}+{length} outside the disk of {self.size} bytes",
+                             offset=guest_offset, length=length)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("image is open read-only", path=self.path)
+
+    def pread(self, buf, guest_offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        self._check(guest_offset, len(view))
+        native.pread_full(self.fd, view, guest_offset)
+
+    def pwrite(self, buf, guest_offset: int, *, fua: bool = False) -> None:
+        self._writable()
+        view = memoryview(buf).cast("B")
+        self._check(guest_offset, len(view))
+        native.pwrite_full(self.fd, view, guest_offset)
+        if fua:
+            self.flush()
+
+    def write_zeroes(self, guest_offset: int, length: int, *, may_trim: bool = True, fua: bool = False) -> None:
+        self._writable()
+        self._check(guest_offset, length)
+        try:
+            mode = 0x02 | 0x01 if may_trim else 0x10  # PUNCH_HOLE|KEEP_SIZE, or ZERO_RANGE
+            _fallocate(self.fd, mode, guest_offset, length)
+        except OSError:
+            native.pwrite_full(self.fd, bytes(length), guest_offset)
+        if fua:
+            self.flush()
+
+    def trim(self, guest_offset: int, length: int) -> None:
+        self._writable()
+        self._check(guest_offset, length)
+        try:
+            _fallocate(self.fd, 0x02 | 0x01, guest_offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise StorageError.from_oserror(exc, path=self.path, action="discard") from exc
+
+    def flush(self) -> None:
+        if self.read_only:
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise StorageError.from_oserror(exc, path=self.path, action="fdatasync") from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.flush()
+            os.close(self.fd)
+            self.fd = -1
+
+    def map_units(self, guest_offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """Data where the file has data, zero where it has holes (SEEK_DATA/SEEK_HOLE), like QEMU."""
+        out = []
+        pos, end = guest_offset, guest_offset + length
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:
+                data = end
+            if data > pos:
+                stop = min(data, end)
+                out.append((pos, stop - pos, fmt.KIND_ZERO, pos))
+                pos = stop
+                continue
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            out.append((pos, hole - pos, fmt.KIND_DATA, pos))
+            pos = hole
+        return out
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _LIBC.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))

@@ -257,6 +257,9 @@ class Qcow2Image:
         try:
             if not self.read_only:
                 self.flush()
+                # The first flush made the freeing L2 tables durable and released pending frees in memory;
+                # the second writes those lowered refcounts, so a clean close leaves no leaks.
+                self.flush()
         finally:
             self._closed = True
             os.close(self.fd)
@@ -731,6 +734,62 @@ class Qcow2Image:
         self._l1_dirty = True
         self._trim_caches()
         return self._l2_cache.get(host) or self._l2_table(l1_index)  # type: ignore[return-value]
+
+    def unallocated_clusters(self, first: int, count: int) -> np.ndarray:
+        """Which of the clusters [first, first+count) are wholly unallocated here (read from the backing)."""
+        out = np.zeros(count, dtype=bool)
+        with self.lock:
+            cluster = first
+            while cluster < first + count:
+                l1_index, l2_index = divmod(cluster, self.l2_entries)
+                stop = min(first + count, (l1_index + 1) * self.l2_entries)
+                table = self._l2_table(l1_index)
+                if table is None:
+                    out[cluster - first : stop - first] = True
+                else:
+                    words = table.view[l2_index * self.l2_words : (l2_index + stop - cluster) * self.l2_words]
+                    free = words[0 :: self.l2_words].astype(np.uint64) == 0
+                    if self.extended_l2:
+                        free &= words[1 :: 2].astype(np.uint64) == 0
+                    out[cluster - first : stop - first] = free
+                cluster = stop
+        return out
+
+    def populate(self, guest_offset: int, buf, wanted: np.ndarray, zero: np.ndarray) -> int:
+        """Fill clusters that are still unallocated with backing data (the stream and copy-on-read step).
+
+        ``buf`` holds whole clusters starting at the cluster-aligned ``guest_offset``; ``wanted`` says which
+        of them to fill and ``zero`` which of them are all zeros (they become zero clusters, never written
+        zeros).  Clusters allocated meanwhile are left alone.  The caller excludes guest writes to these
+        clusters (the block device's COPY range lock).  Returns the number of clusters filled.
+        """
+        self._check_writable()
+        cs = self.cluster_size
+        first = guest_offset >> self.cluster_bits
+        count = len(wanted)
+        if guest_offset % cs or len(buf) != count * cs:
+            raise OutOfRange(f"populate needs whole clusters: {guest_offset}+{len(buf)}", offset=guest_offset)
+        with self.lock:
+            todo = wanted & self.unallocated_clusters(first, count)
+            as_zero = todo & zero if self.has_zero_flag else np.zeros(count, dtype=bool)
+            as_data = todo & ~as_zero
+            n_data = int(np.count_nonzero(as_data))
+            host = self._allocate(n_data) if n_data else 0
+        if n_data:
+            try:
+                native.pwrite_selected(self.fd, buf, cs, as_data, host)
+            except StorageError as exc:
+                exc.path = self.path
+                raise
+        updates = [(first + int(i), host + k * cs | fmt.OFLAG_COPIED, fmt.L2_BITMAP_ALL_ALLOC)
+                   for k, i in enumerate(np.flatnonzero(as_data))]
+        if self.extended_l2:
+            updates += [(first + int(i), 0, fmt.L2_BITMAP_ALL_ZERO) for i in np.flatnonzero(as_zero)]
+        else:
+            updates += [(first + int(i), fmt.OFLAG_ZERO, 0) for i in np.flatnonzero(as_zero)]
+        if updates:
+            self._commit(updates)
+        return len(updates)
 
     # ---------------------------------------------------------------------------------------------------
     # zero and discard

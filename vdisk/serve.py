@@ -1,0 +1,111 @@
+"""``vdisk serve``: build nbdkit's command line for our plugin and run it until SIGTERM/SIGINT.
+
+nbdkit runs as our child in the foreground; we forward the stop signals, wait for it (it finishes requests
+in flight and calls the plugin's cleanup, which flushes and closes the chain), then remove the socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import vdisk
+from vdisk import chain
+from vdisk.errors import GenericError
+
+PLUGIN = Path(vdisk.__file__).with_name("nbdkit_plugin.py")
+
+
+@dataclasses.dataclass
+class ServeOptions:
+    image: str
+    socket: str | None = None
+    bind: str | None = None
+    port: int = 10809
+    export_name: str = ""
+    description: str | None = None
+    read_only: bool = False
+    copy_on_read: bool = False
+    device: str = "drive0"
+    qmp: str | None = None
+    pid_file: str | None = None
+    format: str | None = None
+    serialize: bool = True
+    socket_mode: int = 0o600
+
+
+def python_path() -> str:
+    """What nbdkit's embedded interpreter needs on sys.path to import vdisk and the venv's packages."""
+    entries = [str(Path(vdisk.__file__).resolve().parent.parent)]
+    entries += [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+    return os.pathsep.join(dict.fromkeys(entries))
+
+
+def nbdkit_command(opts: ServeOptions) -> list[str]:
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise GenericError("nbdkit is not installed (Debian: apt-get install nbdkit nbdkit-plugin-python)")
+    cmd = [nbdkit, "--foreground", "--exit-with-parent", "--log=stderr"]
+    if opts.socket:
+        cmd += ["--unix", opts.socket]
+    else:
+        cmd += ["--ipaddr", opts.bind or "127.0.0.1", "--port", str(opts.port)]
+    cmd += ["--exportname", opts.export_name]
+    if opts.read_only:
+        cmd.append("--readonly")
+    if opts.pid_file:
+        cmd += ["--pidfile", opts.pid_file]
+    cmd += ["python", str(PLUGIN), f"image={opts.image}", f"device={opts.device}",
+            f"readonly={str(opts.read_only).lower()}", f"copy-on-read={str(opts.copy_on_read).lower()}",
+            f"serialize={str(opts.serialize).lower()}"]
+    if opts.format:
+        cmd.append(f"format={opts.format}")
+    if opts.qmp:
+        cmd.append(f"qmp={opts.qmp}")
+    if opts.description is not None:
+        cmd.append(f"description={opts.description}")
+    return cmd
+
+
+def nbdkit_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = python_path() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def serve(opts: ServeOptions) -> int:
+    """Run the server in the foreground; returns nbdkit's exit status."""
+    # Fail fast, with our one-line error, on an image that cannot be served (also repairs a dirty image).
+    chain.close_chain(chain.open_chain(opts.image, opts.format, read_only=opts.read_only))
+    for path in (opts.socket, opts.qmp):
+        if path and os.path.exists(path):
+            os.unlink(path)
+    old_umask = os.umask(0o777 & ~opts.socket_mode)  # the sockets nbdkit and the monitor create
+    try:
+        proc = subprocess.Popen(nbdkit_command(opts), env=nbdkit_env())
+    finally:
+        os.umask(old_umask)
+
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                status = proc.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for path in (opts.socket, opts.qmp, opts.pid_file):
+            if path and os.path.exists(path):
+                os.unlink(path)
+    return status if status >= 0 else 128 - status

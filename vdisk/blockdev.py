@@ -69,19 +69,30 @@ class RangeLock:
         self._cond = threading.Condition()
         self._held: list[tuple[int, int, str]] = []
 
-    @contextlib.contextmanager
-    def hold(self, start: int, end: int, mode: str) -> Iterator[None]:
+    def acquire(self, start: int, end: int, mode: str) -> tuple[int, int, str]:
+        """Wait until [start, end) can be held in ``mode``; returns the token for ``release``.
+
+        Not owner-bound: a pipeline may acquire in one thread and release in another.
+        """
         token = (start, end, mode)
         with self._cond:
             while any(s < end and start < e and (m, mode) in _CONFLICTS for s, e, m in self._held):
                 self._cond.wait()
             self._held.append(token)
+        return token
+
+    def release(self, token: tuple[int, int, str]) -> None:
+        with self._cond:
+            self._held.remove(token)
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, start: int, end: int, mode: str) -> Iterator[None]:
+        token = self.acquire(start, end, mode)
         try:
             yield
         finally:
-            with self._cond:
-                self._held.remove(token)
-                self._cond.notify_all()
+            self.release(token)
 
 
 class BlockDevice:
@@ -147,7 +158,7 @@ class BlockDevice:
         if not top.unallocated_clusters(first, count).any():
             return False
         with self.ranges.hold(start, end, COPY):
-            wanted = self.copy_wanted(start, end)
+            wanted = self.copy_wanted(start, end, self.cor_base)
             if not wanted.any():
                 return False
             buf = bytearray(count * cs)
@@ -160,8 +171,11 @@ class BlockDevice:
             top.pread(view, offset)
         return True
 
-    def copy_wanted(self, start: int, end: int) -> np.ndarray:
-        """Clusters of [start, end) that are unallocated in the active image and held above the base."""
+    def copy_wanted(self, start: int, end: int, base: Backend | None) -> np.ndarray:
+        """Clusters of [start, end) that are unallocated in the active image and held above ``base``.
+
+        ``base`` None means the whole chain below the active image.
+        """
         top: Qcow2Image = self.top  # type: ignore[assignment]
         cs = top.cluster_size
         first = start // cs
@@ -172,7 +186,7 @@ class BlockDevice:
         held = np.zeros(count, dtype=bool)
         backing_end = min(end, top.backing.size)
         if backing_end > start:
-            for e in chain.block_status(top.backing, start, backing_end - start, stop_at=self.cor_base):
+            for e in chain.block_status(top.backing, start, backing_end - start, stop_at=base):
                 if e.present:
                     held[(e.start - start) // cs : -(-(e.start + e.length - start) // cs)] = True
         return wanted & held

@@ -163,16 +163,24 @@ def _status(node: Backend, offset: int, length: int, depth: int, stop_at: Backen
         out.append(Extent(offset, length, depth, False, True, False))
         return
     for start, run_len, kind, host in node.map_units(offset, length):
+        # QEMU reports a host offset wherever one is known: data, preallocated zero clusters, unallocated
+        # subclusters of an allocated cluster (qcow2 never maps guest data at host offset 0: the header).
+        # A raw node's runs always carry their (identity) offset, 0 included.
+        known = node.format_name == "raw" or (kind != fmt.KIND_COMPRESSED and host != 0)
+        host_offset = host if known else None
         if kind == fmt.KIND_UNALLOCATED:
             backing = node.backing
             if backing is None:
-                out.append(Extent(start, run_len, depth, False, True, False))
+                out.append(Extent(start, run_len, depth, False, True, False, host_offset))
                 continue
             inside = max(0, min(run_len, backing.size - start))
             if inside:
                 _status(backing, start, inside, depth + 1, stop_at, out)
             if inside < run_len:
-                out.append(Extent(start + inside, run_len - inside, depth, True, True, False))
+                # Past the end of a shorter backing file: zeros, still unallocated at this depth (QEMU's
+                # bdrv_co_block_status sets ZERO without ALLOCATED, so qemu-img map says present=false).
+                past = host_offset + inside if host_offset is not None else None
+                out.append(Extent(start + inside, run_len - inside, depth, False, True, False, past))
             continue
         out.append(
             Extent(
@@ -182,7 +190,7 @@ def _status(node: Backend, offset: int, length: int, depth: int, stop_at: Backen
                 True,
                 kind == fmt.KIND_ZERO,
                 kind in (fmt.KIND_DATA, fmt.KIND_COMPRESSED),
-                host if kind == fmt.KIND_DATA or (kind == fmt.KIND_ZERO and node.format_name == "raw") else None,
+                host_offset,
                 node,
             )
         )

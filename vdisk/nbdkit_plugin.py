@@ -64,6 +64,7 @@ def get_ready():
 
 
 def after_fork():
+    _server.shutdown_hook = nbdkit.shutdown
     _server.start()
 
 

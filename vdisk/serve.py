@@ -2,6 +2,13 @@
 
 nbdkit runs as our child in the foreground; we forward the stop signals, wait for it (it finishes requests
 in flight and calls the plugin's cleanup, which flushes and closes the chain), then remove the socket.
+
+Start-up order.  nbdkit creates its unix socket with mode 0755 whatever our umask, and writes its pid file
+as soon as it listens.  So nbdkit binds the socket in a private 0700 directory beside the requested path and
+writes its pid file there; once that pid file appears we chmod the socket to ``socket_mode`` and rename it
+into place (a bound socket keeps working under its new name), and only then write the user's
+``--pid-file`` (our own pid: signals sent to us are forwarded, and we remove the socket afterwards).  So
+no other user can ever connect, and the pid file means "clients can connect now".
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import vdisk
@@ -46,20 +55,21 @@ def python_path() -> str:
     return os.pathsep.join(dict.fromkeys(entries))
 
 
-def nbdkit_command(opts: ServeOptions) -> list[str]:
+def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: str | None = None) -> list[str]:
+    """nbdkit's argv; ``socket``/``pid_file`` override where nbdkit itself binds and writes (see start-up order)."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise GenericError("nbdkit is not installed (Debian: apt-get install nbdkit nbdkit-plugin-python)")
     cmd = [nbdkit, "--foreground", "--exit-with-parent", "--log=stderr"]
     if opts.socket:
-        cmd += ["--unix", opts.socket]
+        cmd += ["--unix", socket or opts.socket]
     else:
         cmd += ["--ipaddr", opts.bind or "127.0.0.1", "--port", str(opts.port)]
     cmd += ["--exportname", opts.export_name]
     if opts.read_only:
         cmd.append("--readonly")
-    if opts.pid_file:
-        cmd += ["--pidfile", opts.pid_file]
+    if pid_file or opts.pid_file:
+        cmd += ["--pidfile", pid_file or opts.pid_file]
     cmd += ["python", str(PLUGIN), f"image={opts.image}", f"device={opts.device}",
             f"readonly={str(opts.read_only).lower()}", f"copy-on-read={str(opts.copy_on_read).lower()}",
             f"serialize={str(opts.serialize).lower()}"]
@@ -78,16 +88,46 @@ def nbdkit_env() -> dict[str, str]:
     return env
 
 
+def _private_dir(opts: ServeOptions) -> str:
+    """A 0700 directory beside the socket (same file system, so the socket can be renamed into place)."""
+    parent = os.path.dirname(os.path.abspath(opts.socket)) if opts.socket else None
+    return tempfile.mkdtemp(prefix=".vd", dir=parent)
+
+
+def _wait_ready(proc: subprocess.Popen, pid_file: str) -> bool:
+    """Wait until nbdkit has written its pid file (it listens); False if it exited first."""
+    while not os.path.exists(pid_file) or os.path.getsize(pid_file) == 0:
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _publish(opts: ServeOptions, private_socket: str | None) -> None:
+    """Make the listening server visible: socket mode, socket name, then the user's pid file."""
+    if opts.socket and private_socket:
+        os.chmod(private_socket, opts.socket_mode)
+        os.replace(private_socket, opts.socket)
+    if opts.pid_file:
+        tmp = f"{opts.pid_file}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, opts.pid_file)
+
+
 def serve(opts: ServeOptions) -> int:
     """Run the server in the foreground; returns nbdkit's exit status."""
     # Fail fast, with our one-line error, on an image that cannot be served (also repairs a dirty image).
     chain.close_chain(chain.open_chain(opts.image, opts.format, read_only=opts.read_only))
-    for path in (opts.socket, opts.qmp):
+    for path in (opts.socket, opts.qmp, opts.pid_file):
         if path and os.path.exists(path):
             os.unlink(path)
+    private = _private_dir(opts)
+    private_socket = os.path.join(private, "s") if opts.socket else None
+    private_pid = os.path.join(private, "pid")
     old_umask = os.umask(0o777 & ~opts.socket_mode)  # the sockets nbdkit and the monitor create
     try:
-        proc = subprocess.Popen(nbdkit_command(opts), env=nbdkit_env())
+        proc = subprocess.Popen(nbdkit_command(opts, socket=private_socket, pid_file=private_pid), env=nbdkit_env())
     finally:
         os.umask(old_umask)
 
@@ -96,6 +136,8 @@ def serve(opts: ServeOptions) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
+        if _wait_ready(proc, private_pid):
+            _publish(opts, private_socket)
         while True:
             try:
                 status = proc.wait()
@@ -108,4 +150,5 @@ def serve(opts: ServeOptions) -> int:
         for path in (opts.socket, opts.qmp, opts.pid_file):
             if path and os.path.exists(path):
                 os.unlink(path)
+        shutil.rmtree(private, ignore_errors=True)
     return status if status >= 0 else 128 - status

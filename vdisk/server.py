@@ -43,9 +43,10 @@ class Server:
         self.description: str | None = None
         self.serialize = True
         self.devices: dict[str, BlockDevice] = {}
-        self.lock = threading.RLock()
+        self.job_lock = threading.RLock()  # QEMU's job_mutex: every job call and event emission
         self.monitor = None
         self.jobs: dict = {}
+        self.shutdown_hook = None  # set by the nbdkit adapter: asks nbdkit to stop (QMP quit)
 
     # --- configuration (nbdkit config / config_complete) ---------------------------------------------
 
@@ -103,6 +104,11 @@ class Server:
             except VdiskError as exc:
                 log.error("closing %s: %s", device.name, exc)
         self.devices.clear()
+
+    def request_shutdown(self) -> None:
+        if self.shutdown_hook is None:
+            raise GenericError("this server cannot be stopped from the monitor")
+        self.shutdown_hook()
 
     def device_for_connection(self, readonly: bool) -> BlockDevice:
         return self.device(self.device_name)

@@ -1,6 +1,166 @@
-"""Running block jobs in threads beside the block devices."""
+"""Block jobs as threads beside the block devices: the stream job's worker and its QMP-facing glue.
+
+Design notes
+============
+``Job`` (vdisk.jobs.job) is pure state; this module is the worker that drives it.  All calls into a job, and
+every event it returns, happen under ``server.job_lock`` (QEMU's job_mutex); events are broadcast while it is
+held, so every client sees them in the order they happened.  The worker drops the lock for the copying
+(``StreamCopier.step``), sleeps on ``job.wakeup`` (a Condition on that lock) for rate limiting and pauses,
+and is woken by every verb that changes what it should do (pause, resume, cancel, set-speed).
+
+The stream job's ``_prepare`` (run from ``complete_run`` or ``job-finalize``) switches the backing chain;
+``_clean`` releases the device (copy-on-read off, ``device.job`` cleared).  A cancelled or failed job never
+calls ``_prepare``: the chain stays as it was, and the clusters already copied are harmless duplicates.
+"""
 
 from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from vdisk.backend import Backend
+from vdisk.blockdev import BlockDevice
+from vdisk.errors import VdiskError
+from vdisk.jobs.job import Event, Job, JobStatus, JobType
+from vdisk.jobs.stream import StreamCopier
+
+log = logging.getLogger(__name__)
+
+
+def emit(server, events: list[Event]) -> None:
+    """Broadcast events (caller holds server.job_lock); forget jobs that reached the null state."""
+    for ev in events:
+        if server.monitor is not None:
+            server.monitor.broadcast(ev.name, ev.data)
+    for job_id, job in list(server.jobs.items()):
+        if job.status is JobStatus.NULL:
+            del server.jobs[job_id]
+
+
+class StreamJob(Job):
+    def __init__(
+        self,
+        server,
+        device: BlockDevice,
+        job_id: str,
+        base: Backend | None,
+        *,
+        backing_file: str | None = None,
+        on_error: str = "report",
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
+    ):
+        super().__init__(job_id, JobType.STREAM, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        self.server = server
+        self.device = device
+        self.base = base
+        self.backing_file = backing_file
+        self.on_error = on_error
+        self.copier = StreamCopier(device, base)
+        self.wakeup = threading.Condition(server.job_lock)
+        self.thread = threading.Thread(target=self._run, name=f"vdisk-job-{job_id}", daemon=True)
+        self.progress_set_remaining(self.copier.length)
+
+    # --- hooks of Job ----------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        self.copier.finish(self.backing_file)
+
+    def _clean(self) -> None:
+        self.device.cor_active = False
+        self.device.cor_base = None
+        if self.device.job is self:
+            self.device.job = None
+
+    # --- control from QMP (caller holds the job lock) -------------------------------------------------
+
+    def launch(self) -> None:
+        self.device.job = self
+        self.device.cor_base = self.base
+        self.device.cor_active = True
+        self.server.jobs[self.id] = self
+        self.thread.start()
+
+    def poke(self) -> None:
+        """Wake the worker after a verb changed what it should do."""
+        self.wakeup.notify_all()
+
+    def cancel_and_wait(self, timeout: float = 60.0) -> None:
+        with self.server.job_lock:
+            if self.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
+                emit(self.server, self.cancel_unchecked(force=True))
+                self.poke()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    # --- the worker --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        lock = self.server.job_lock
+        with lock:
+            emit(self.server, self.start())
+        position = 0
+        error: BaseException | None = None
+        try:
+            while position < self.copier.length:
+                with lock:
+                    if not self._wait_to_copy():
+                        break
+                try:
+                    next_position = self.copier.step(position)
+                except VdiskError as exc:
+                    action = self._on_copy_error(exc)
+                    if action == "report":
+                        error = exc
+                        break
+                    if action == "stop":
+                        position = getattr(exc, "chunk_start", position)
+                        continue
+                    next_position = min(self.copier.length, position + self.copier.chunk)
+                with lock:
+                    self.progress_update(next_position - position)
+                    self.ratelimit_processed(time.monotonic(), next_position - position)
+                position = next_position
+            try:
+                self.copier.drain()
+            except VdiskError as exc:
+                if self._on_copy_error(exc) == "report":
+                    error = exc
+        except Exception as exc:  # a bug must fail the job, not leave it running forever
+            log.exception("stream job %s failed", self.id)
+            error = exc
+        finally:
+            self.copier.close()
+            with lock:
+                if self.paused:
+                    emit(self.server, self.leave_pause_point())
+                emit(self.server, self.complete_run(error))
+
+    def _wait_to_copy(self) -> bool:
+        """Pause point and rate limit (lock held).  False when the job was cancelled."""
+        while True:
+            if self.is_cancelled:
+                return False
+            if self.pause_requested:
+                emit(self.server, self.on_pause_point())
+                while self.pause_requested and not self.is_cancelled:
+                    self.wakeup.wait()
+                emit(self.server, self.leave_pause_point())
+                continue
+            delay = self.ratelimit_delay(time.monotonic())
+            if delay <= 0:
+                self.set_busy(True)
+                return True
+            self.set_busy(False)
+            self.wakeup.wait(delay)
+
+    def _on_copy_error(self, exc: VdiskError) -> str:
+        with self.server.job_lock:
+            action, events = self.error_action(self.on_error, getattr(exc, "is_read", False), exc.errno)
+            emit(self.server, events)
+        log.warning("stream job %s: %s (action: %s)", self.id, exc, action)
+        return action
 
 
 def cancel_all(server) -> None:

@@ -514,7 +514,8 @@ class Qcow2Image:
         """This image's allocation over [guest_offset, +length), unit-aligned outward.
 
         Returns runs (guest_start, byte length, kind, host offset); guest_start/length are clipped to the request.
-        Compressed runs carry the raw L2 entry as host offset.
+        Compressed runs carry the raw L2 entry as host offset.  Zero and unallocated runs carry the host offset
+        of a preallocated cluster (or of an allocated cluster's unallocated subclusters), else 0.
         """
         out: list[tuple[int, int, int, int]] = []
         end = guest_offset + length
@@ -546,7 +547,7 @@ class Qcow2Image:
                 for u0, count, kind, host in runs(kinds, hosts, unit):
                     start = max(pos, (first_unit + u0) * unit)
                     stop_run = min(stop, (first_unit + u0 + count) * unit)
-                    if kind == fmt.KIND_DATA:
+                    if kind != fmt.KIND_COMPRESSED and host:
                         host += start - (first_unit + u0) * unit
                     out.append((start, stop_run - start, kind, host))
                 pos = stop

@@ -120,7 +120,10 @@ def l2_units(entries: np.ndarray, extended: bool, cluster_bits: int) -> tuple[np
         np.where(alloc, fmt.KIND_DATA, np.where(zero, fmt.KIND_ZERO, fmt.KIND_UNALLOCATED)),
     ).astype(np.uint8)
     subcluster_size = np.uint64((1 << cluster_bits) // n)
-    host = (desc & np.uint64(fmt.L2E_OFFSET_MASK))[:, None] + shifts * subcluster_size
+    cluster_host = (desc & np.uint64(fmt.L2E_OFFSET_MASK))[:, None]
+    # A cluster without a host cluster has no subcluster offsets either (0 = "no host offset", never
+    # shifts * subcluster_size, which would look like a real offset to block status).
+    host = np.where(cluster_host != 0, cluster_host + shifts * subcluster_size, np.uint64(0))
     host = np.where(compressed, desc[:, None], host)
     return kinds.reshape(-1), host.reshape(-1)
 
@@ -128,7 +131,9 @@ def l2_units(entries: np.ndarray, extended: bool, cluster_bits: int) -> tuple[np
 def runs(kinds: np.ndarray, hosts: np.ndarray, unit: int) -> list[tuple[int, int, int, int]]:
     """Merge units into runs: (first unit, unit count, kind, host offset of the first unit).
 
-    A run has one kind; a data run is also contiguous on the host; every compressed unit is its own run.
+    A run has one kind; a run whose units have host offsets (data, but also preallocated zero clusters and
+    unallocated subclusters of an allocated cluster, which ``qemu-img map`` reports with an offset) is also
+    contiguous on the host, and never mixes units with and without one; every compressed unit is its own run.
     """
     n = kinds.size
     if n == 0:
@@ -136,10 +141,10 @@ def runs(kinds: np.ndarray, hosts: np.ndarray, unit: int) -> list[tuple[int, int
     brk = np.ones(n, dtype=bool)
     if n > 1:
         same_kind = kinds[1:] == kinds[:-1]
-        data = kinds[1:] == fmt.KIND_DATA
+        has_host = hosts != 0
         contiguous = hosts[1:] == hosts[:-1] + np.uint64(unit)
         compressed = kinds[1:] == fmt.KIND_COMPRESSED
-        brk[1:] = ~same_kind | (data & ~contiguous) | compressed
+        brk[1:] = ~same_kind | ((has_host[1:] | has_host[:-1]) & ~contiguous) | compressed
     starts = np.flatnonzero(brk)
     stops = np.append(starts[1:], n)
     return [

@@ -1,0 +1,122 @@
+"""Shared fixtures: real images made by qemu-img and vdisk, and a real `vdisk serve` process."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VDISK = [sys.executable, "-m", "vdisk.cli"]
+
+
+def run(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, text output; on failure the assertion shows what it printed."""
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def vdisk(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(*VDISK, *args, check=check, cwd=ROOT)
+
+
+def qemu_img_check(path: Path | str) -> dict:
+    """qemu-img check --output=json; -U so it also works on an image being served."""
+    proc = run("qemu-img", "check", "-U", "--output=json", path, check=False)
+    assert proc.returncode in (0, 2, 3), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def assert_clean(path: Path | str) -> None:
+    result = qemu_img_check(path)
+    assert result.get("corruptions", 0) == 0 and result.get("leaks", 0) == 0 and result["check-errors"] == 0, result
+
+
+def qemu_img_compare(a: Path | str, b: Path | str, fmt_a: str = "qcow2", fmt_b: str = "raw") -> bool:
+    proc = run("qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, a, b, check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode == 0
+
+
+def qemu_raw(path: Path | str, out: Path | str) -> bytes:
+    run("qemu-img", "convert", "-U", "-O", "raw", path, out)
+    return Path(out).read_bytes()
+
+
+@dataclasses.dataclass
+class Served:
+    proc: subprocess.Popen
+    socket: Path
+    qmp: Path | None
+    image: Path
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def serve(image: Path | str, *extra: str, qmp: bool = False, timeout: float = 30):
+    """Run `vdisk serve IMAGE --socket ...` until the context ends (SIGTERM, then waits)."""
+    image = Path(image)
+    base = image.parent / f".{image.name}.{os.getpid()}"
+    sock, pid = Path(f"{base}.sock"), Path(f"{base}.pid")
+    qmp_path = Path(f"{base}.qmp") if qmp else None
+    args = [*VDISK, "serve", str(image), "--socket", str(sock), "--pid-file", str(pid), *extra]
+    if qmp_path:
+        args += ["--qmp", str(qmp_path)]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not (pid.exists() and sock.exists() and (qmp_path is None or qmp_path.exists())):
+        if proc.poll() is not None:
+            raise AssertionError(f"vdisk serve exited {proc.returncode}: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("vdisk serve did not start")
+        time.sleep(0.02)
+    served = Served(proc, sock, qmp_path, image)
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture
+def chain4(tmp_path: Path) -> dict[str, Path]:
+    """The brief's chain [A] -> [B] -> [C] -> [D], 8 MiB, made by qemu-img/qemu-io, with relative names.
+
+    A holds pattern 0xA1 in its first half, B rewrites clusters with 0xB2 and zeroes one, C writes 0xC3 and
+    a compressed cluster; D (active) is empty.
+    """
+    paths = {name: tmp_path / f"{name}.qcow2" for name in "ABCD"}
+    run("qemu-img", "create", "-q", "-f", "qcow2", paths["A"], "8M")
+    run("qemu-io", "-c", "write -P 0xa1 0 4M", paths["A"])
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", paths["B"])
+    run("qemu-io", "-c", "write -P 0xb2 1M 1M", "-c", "write -z 3M 64k", "-c", "write -P 0xb3 6M 512k", paths["B"])
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "B.qcow2", "-F", "qcow2", paths["C"])
+    run("qemu-io", "-c", "write -P 0xc3 1536k 256k", "-c", "write -c -P 0xc4 7M 64k", paths["C"])
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "C.qcow2", "-F", "qcow2", paths["D"])
+    return paths
+
+
+def nbdkit_pid(served: Served) -> int:
+    """The nbdkit process that a `vdisk serve` runs (its only child): the one holding the image open."""
+    pid = served.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, f"vdisk serve {pid} has children {children}, expected one nbdkit"
+    return int(children[0])

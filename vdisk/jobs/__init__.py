@@ -1,0 +1,1 @@
+"""Long-running block jobs: the job state machine and rate limiter (job.py), and the jobs built on it."""

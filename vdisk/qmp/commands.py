@@ -1,0 +1,405 @@
+"""QMP commands: one function per command, each with its declared argument schema.
+
+Pipeline (nbdkit's validate -> dispatch -> reply): ``dispatch`` looks the command up, validates the arguments
+against its schema (``protocol.validate_arguments``: QEMU's wording), calls it with the server and the
+checked arguments, and maps any exception to a QMP error reply through ``protocol.reply_exception`` (our
+exceptions carry their QMP class).  Error texts follow QEMU 7.2's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import vdisk
+from vdisk import chain
+from vdisk.errors import DeviceInUse, DeviceNotActive, GenericError, InvalidArgument, VdiskError
+from vdisk.jobs.job import ON_ERROR_VALUES, JobStatus
+from vdisk.jobs.runner import StreamJob, emit
+from vdisk.jobs.stream import find_base
+from vdisk.qcow2.image import Qcow2Image
+from vdisk.qmp import protocol
+from vdisk.qmp.protocol import EnumType
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Any]
+COMMANDS: dict[str, tuple[dict, Handler]] = {}
+
+ON_ERROR = EnumType("BlockdevOnError", tuple(v for v in ON_ERROR_VALUES if v != "auto"))
+SNAPSHOT_MODE = EnumType("NewImageMode", ("existing", "absolute-paths"))
+
+
+def qemu_version() -> dict:
+    """The version we announce: QEMU's shape; vdisk's own version in ``package``."""
+    return protocol.make_version(7, 2, 0, f"vdisk-{vdisk.__version__}")
+
+
+def command(name: str, schema: dict | None = None) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = (schema or {}, fn)
+        return fn
+
+    return register
+
+
+def dispatch(server, request: protocol.Command, client_id: int = 0) -> bytes:
+    """Run one request; returns the whole reply message."""
+    entry = COMMANDS.get(request.name)
+    try:
+        if entry is None:
+            raise protocol.command_not_found(request.name)
+        schema, fn = entry
+        arguments = protocol.validate_arguments(schema, request.arguments)
+        result = fn(server, **{k.replace("-", "_"): v for k, v in arguments.items()})
+    except VdiskError as exc:
+        return protocol.reply_exception(exc, request.id)
+    except Exception as exc:  # a bug: answer, log, keep the monitor alive
+        log.exception("QMP command %s failed", request.name)
+        return protocol.reply_error("GenericError", f"internal error: {exc}", request.id)
+    return protocol.reply_return(result, request.id)
+
+
+# --- lookups ----------------------------------------------------------------------------------------
+
+
+def node_name(node) -> str:
+    """QEMU-style automatic node names, stable for the life of the node object."""
+    name = getattr(node, "node_name", None)
+    if name is None:
+        node_name.counter = getattr(node_name, "counter", 0) + 1
+        name = f"#block{node_name.counter:03d}"
+        node.node_name = name
+    return name
+
+
+def find_device_or_node(server, device: str):
+    """(device, node) for a device name or a node name (node names also match the image path or file name)."""
+    if device in server.devices:
+        dev = server.devices[device]
+        return dev, dev.top
+    for dev in server.devices.values():
+        for node in dev.nodes():
+            if device in (node_name(node), node.path, os.path.basename(node.path)):
+                return dev, node
+    raise GenericError(f"Cannot find device='{device}' nor node-name='{device}'")
+
+
+def find_block_job(server, job_id: str) -> StreamJob:
+    job = server.jobs.get(job_id)
+    if job is None:
+        for candidate in server.jobs.values():
+            if candidate.device.name == job_id:
+                return candidate
+        raise DeviceNotActive(f"Block job '{job_id}' not found")
+    return job
+
+
+def find_job(server, job_id: str) -> StreamJob:
+    job = server.jobs.get(job_id)
+    if job is None:
+        raise GenericError("Job not found")
+    return job
+
+
+def _busy(device) -> DeviceInUse:
+    return DeviceInUse(f"Node '{device.name}' is busy: block device is in use by block job: stream")
+
+
+# --- information ------------------------------------------------------------------------------------
+
+
+@command("query-version")
+def query_version(server) -> dict:
+    return qemu_version()
+
+
+@command("query-commands")
+def query_commands(server) -> list:
+    return [{"name": name} for name in sorted({"qmp_capabilities", *COMMANDS})]
+
+
+def image_info(node) -> dict:
+    info: dict[str, Any] = {
+        "filename": node.path,
+        "format": node.format_name,
+        "virtual-size": node.size,
+        "dirty-flag": False,
+    }
+    if isinstance(node, Qcow2Image):
+        info["cluster-size"] = node.cluster_size
+        h = node.header
+        if h.backing_file:
+            info["backing-filename"] = h.backing_file
+            info["full-backing-filename"] = chain.resolve_backing(node.path, h.backing_file)
+            if h.backing_format:
+                info["backing-filename-format"] = h.backing_format
+    if node.backing is not None:
+        info["backing-image"] = image_info(node.backing)
+    return info
+
+
+def node_info(node, read_only: bool) -> dict:
+    """BlockDeviceInfo (query-named-block-nodes, and query-block's ``inserted``)."""
+    depth = len(list(chain.nodes(node))) - 1
+    info: dict[str, Any] = {
+        "file": node.path,
+        "node-name": node_name(node),
+        "ro": read_only or node.read_only,
+        "drv": node.format_name,
+        "encrypted": False,
+        "detect_zeroes": "off",
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "write_threshold": 0,
+        "backing_file_depth": depth,
+        "cache": {"writeback": True, "direct": False, "no-flush": False},
+        "image": image_info(node),
+    }
+    if isinstance(node, Qcow2Image) and node.header.backing_file:
+        info["backing_file"] = node.header.backing_file
+    return info
+
+
+@command("query-block")
+def query_block(server) -> list:
+    out = []
+    for dev in server.devices.values():
+        out.append({
+            "device": dev.name,
+            "qdev": dev.name,
+            "type": "unknown",
+            "removable": False,
+            "locked": False,
+            "io-status": "ok",
+            "inserted": node_info(dev.top, dev.read_only),
+        })
+    return out
+
+
+@command("query-named-block-nodes", {"*flat": "bool"})
+def query_named_block_nodes(server, flat: bool = False) -> list:
+    out = []
+    for dev in server.devices.values():
+        for i, node in enumerate(dev.nodes()):
+            info = node_info(node, dev.read_only and i == 0)
+            if flat:
+                info["image"].pop("backing-image", None)
+            out.append(info)
+    return out
+
+
+@command("query-block-jobs")
+def query_block_jobs(server) -> list:
+    with server.job_lock:
+        return [job.info() for job in server.jobs.values() if job.status is not JobStatus.NULL]
+
+
+@command("query-jobs")
+def query_jobs(server) -> list:
+    with server.job_lock:
+        return [job.query_jobs_info() for job in server.jobs.values() if job.status is not JobStatus.NULL]
+
+
+# --- block-stream -----------------------------------------------------------------------------------
+
+
+@command("block-stream", {
+    "*job-id": "str", "device": "str", "*base": "str", "*base-node": "str", "*backing-file": "str",
+    "*speed": "int", "*on-error": ON_ERROR, "*auto-finalize": "bool", "*auto-dismiss": "bool",
+})
+def block_stream(server, device: str, job_id: str | None = None, base: str | None = None,
+                 base_node: str | None = None, backing_file: str | None = None, speed: int = 0,
+                 on_error: str = "report", auto_finalize: bool = True, auto_dismiss: bool = True) -> None:
+    if base is not None and base_node is not None:
+        raise GenericError("'base' and 'base-node' cannot be specified at the same time")
+    dev, node = find_device_or_node(server, device)
+    if node is not dev.top:
+        raise GenericError(f"Streaming into the intermediate node '{device}' is not supported; "
+                           f"stream into the active image of '{dev.name}'")
+    base_bs = None
+    if base_node is not None:
+        base_dev, base_bs = find_device_or_node(server, base_node)
+        if base_dev is not dev or base_bs is dev.top:
+            raise GenericError(f"Node '{base_node}' is not a backing image of '{device}'")
+    base_bs = find_base(dev, base, base_bs)
+    if backing_file is not None and base_bs is None:
+        raise GenericError("backing file specified, but streaming the entire chain")
+    with server.job_lock:
+        if dev.job is not None:
+            raise _busy(dev)
+        job_id = job_id if job_id is not None else dev.name
+        if job_id in server.jobs:
+            raise GenericError(f"Job ID '{job_id}' already in use")
+        job = StreamJob(server, dev, job_id, base_bs, backing_file=backing_file, on_error=on_error,
+                        auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        events = job.create()
+        try:
+            job.set_speed(speed)
+        except VdiskError:
+            emit(server, events + job.early_fail())
+            job.copier.close()
+            raise
+        emit(server, events)
+        job.launch()
+
+
+# --- job verbs (block-job-* by device or job id, job-* by job id) --------------------------------------
+
+
+def _verb(server, job, action: Callable[[], list]) -> None:
+    emit(server, action())
+    job.poke()
+
+
+@command("block-job-set-speed", {"device": "str", "speed": "int"})
+def block_job_set_speed(server, device: str, speed: int) -> None:
+    with server.job_lock:
+        job = find_block_job(server, device)
+        _verb(server, job, lambda: job.set_speed(speed))
+
+
+@command("block-job-pause", {"device": "str"})
+def block_job_pause(server, device: str) -> None:
+    with server.job_lock:
+        job = find_block_job(server, device)
+        _verb(server, job, job.user_pause)
+
+
+@command("block-job-resume", {"device": "str"})
+def block_job_resume(server, device: str) -> None:
+    with server.job_lock:
+        job = find_block_job(server, device)
+        _verb(server, job, job.user_resume)
+
+
+@command("block-job-cancel", {"device": "str", "*force": "bool"})
+def block_job_cancel(server, device: str, force: bool = False) -> None:
+    with server.job_lock:
+        job = find_block_job(server, device)
+        _verb(server, job, lambda: job.block_job_cancel(force))
+
+
+@command("block-job-complete", {"device": "str"})
+def block_job_complete(server, device: str) -> None:
+    with server.job_lock:
+        job = find_block_job(server, device)
+        _verb(server, job, job.complete)
+
+
+@command("block-job-finalize", {"id": "str"})
+def block_job_finalize(server, id: str) -> None:  # noqa: A002 - QMP's argument name
+    with server.job_lock:
+        job = find_block_job(server, id)
+        _verb(server, job, job.finalize)
+
+
+@command("block-job-dismiss", {"id": "str"})
+def block_job_dismiss(server, id: str) -> None:  # noqa: A002
+    with server.job_lock:
+        job = find_block_job(server, id)
+        _verb(server, job, job.dismiss)
+
+
+@command("job-pause", {"id": "str"})
+def job_pause(server, id: str) -> None:  # noqa: A002
+    with server.job_lock:
+        job = find_job(server, id)
+        _verb(server, job, job.user_pause)
+
+
+@command("job-resume", {"id": "str"})
+def job_resume(server, id: str) -> None:  # noqa: A002
+    with server.job_lock:
+        job = find_job(server, id)
+        _verb(server, job, job.user_resume)
+
+
+@command("job-cancel", {"id": "str"})
+def job_cancel(server, id: str) -> None:  # noqa: A002
+    with server.job_lock:
+        job = find_job(server, id)
+        _verb(server, job, lambda: job.cancel(True))
+
+
+@command("job-complete", {"id": "str"})
+def job_complete(server, id: str) -> None:  # noqa: A002
+    with server.job_lock:
+        job = find_job(server, id)
+        _verb(server, job, job.complete)
+
+
+@command("job-finalize", {"id": "str"})
+def job_finalize(server, id: str) -> None:  # noqa: A002
+    with server.job_lock:
+        job = find_job(server, id)
+        _verb(server, job, job.finalize)
+
+
+@command("job-dismiss", {"id": "str"})
+def job_dismiss(server, id: str) -> None:  # noqa: A002
+    with server.job_lock:
+        job = find_job(server, id)
+        _verb(server, job, job.dismiss)
+
+
+# --- live snapshot ----------------------------------------------------------------------------------
+
+
+@command("blockdev-snapshot-sync", {
+    "*device": "str", "*node-name": "str", "snapshot-file": "str", "*snapshot-node-name": "str",
+    "*format": "str", "*mode": SNAPSHOT_MODE,
+})
+def blockdev_snapshot_sync(server, snapshot_file: str, device: str | None = None, node_name: str | None = None,
+                           snapshot_node_name: str | None = None, format: str = "qcow2",  # noqa: A002
+                           mode: str = "absolute-paths") -> None:
+    if device is None and node_name is None:
+        raise GenericError("Cannot find device='' nor node-name=''")
+    dev, node = find_device_or_node(server, device if device is not None else node_name)
+    if node is not dev.top:
+        raise GenericError(f"The node '{node_name or device}' is not the active image of a device")
+    if format != "qcow2":
+        raise InvalidArgument(f"Format '{format}' cannot be used for a snapshot overlay (vdisk makes qcow2)")
+    if dev.read_only:
+        raise GenericError(f"Device '{dev.name}' is read-only")
+    with server.job_lock:
+        if dev.job is not None:
+            raise _busy(dev)
+        old_top = dev.top
+        path = os.path.abspath(snapshot_file)
+        if mode == "absolute-paths":
+            if os.path.exists(path):
+                raise GenericError(f"Could not create '{snapshot_file}': File exists")
+            Qcow2Image.create(path, old_top.size, backing_file=os.path.abspath(old_top.path),
+                              backing_format=old_top.format_name)
+        elif not os.path.exists(path):
+            raise GenericError(f"Could not open '{snapshot_file}': No such file or directory")
+        old_top.flush()
+        with dev.quiesced():
+            new_top = Qcow2Image.open(path)
+            if new_top.size != old_top.size:
+                new_top.close()
+                raise GenericError(f"Snapshot '{snapshot_file}' has size {new_top.size}, "
+                                   f"the device {old_top.size}")
+            old_top.flush()
+            new_top.backing = old_top
+            if snapshot_node_name:
+                new_top.node_name = snapshot_node_name
+            dev.top = new_top
+    log.info("device %s: active image is now %s (backing %s)", dev.name, path, old_top.path)
+
+
+# --- HMP and quit -----------------------------------------------------------------------------------
+
+
+@command("human-monitor-command", {"command-line": "str", "*cpu-index": "int"})
+def human_monitor_command(server, command_line: str, cpu_index: int | None = None) -> str:
+    from vdisk.qmp.hmp import run_hmp
+
+    return run_hmp(server, command_line)
+
+
+@command("quit")
+def quit_(server) -> None:
+    server.request_shutdown()

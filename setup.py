@@ -7,8 +7,8 @@ setup(
     packages=find_packages(include=["vdisk", "vdisk.*"]),
     python_requires=">=3.11",
     setup_requires=["cffi>=1.15"],
-    install_requires=["cffi>=1.15", "numpy>=1.24", "zstandard>=0.19"],
-    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "qemu.qmp"]},
+    install_requires=["cffi>=1.15", "numpy>=1.24", "zstandard>=0.19", "qemu.qmp>=0.0.3"],
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
     cffi_modules=["native/build_copier.py:ffibuilder"],
     entry_points={"console_scripts": ["vdisk = vdisk.cli:main"]},
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -16,6 +17,67 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device, qmp=args.qmp, pid_file=args.pid_file, format=args.format,
         serialize=not args.parallel,
     ))
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from vdisk.cli import parse_size
+    from vdisk.client import Monitor, wait_for_job
+
+    with Monitor(args.qmp) as monitor:
+        job_id = args.job_id or args.device
+        monitor.execute("block-stream", device=args.device, job_id=args.job_id, base=args.base,
+                        speed=parse_size(args.speed) if args.speed else None, backing_file=args.backing_file)
+        if not args.wait:
+            print(f"started stream job {job_id}")
+            return 0
+        ending = wait_for_job(monitor, job_id, show_progress=sys.stderr.isatty() or args.progress)
+    if ending["event"] == "BLOCK_JOB_CANCELLED":
+        print(f"stream job {job_id} cancelled at {ending['offset']} of {ending['len']} bytes", file=sys.stderr)
+        return 2
+    if "error" in ending:
+        print(f"stream job {job_id} failed: {ending['error']}", file=sys.stderr)
+        return 1
+    print(f"stream job {job_id} completed: {ending['len']} bytes")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from vdisk.client import Monitor
+
+    with Monitor(args.qmp) as monitor:
+        print(monitor.hmp("info block-jobs"), end="")
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """An HMP shell over QMP's human-monitor-command, like QEMU's (qemu) prompt."""
+    from vdisk.client import Monitor
+
+    with Monitor(args.qmp) as monitor:
+        lines = args.command or None
+        interactive = lines is None and sys.stdin.isatty()
+        source = lines if lines is not None else _input_lines(interactive)
+        for line in source:
+            if line.strip() in ("quit", "q") and interactive:
+                break
+            output = monitor.hmp(line)
+            if output:
+                print(output.replace("\r\n", "\n"), end="")
+    return 0
+
+
+def _input_lines(prompt: bool):
+    while True:
+        try:
+            yield input("(vdisk) " if prompt else "")
+        except EOFError:
+            return
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vdisk.demo import run_demo
+
+    return run_demo(args.workdir, size_mib=args.size, keep=args.keep)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -34,3 +96,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pid-file")
     p.add_argument("--parallel", action="store_true", help="nbdkit's parallel thread model")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stream", help="start a live block stream (QMP block-stream)")
+    p.add_argument("--qmp", required=True, help="the server's QMP socket")
+    p.add_argument("device")
+    p.add_argument("--base", help="backing file to keep (the new backing file of the device)")
+    p.add_argument("--backing-file", help="the name to write as the new backing file")
+    p.add_argument("--speed", help="bytes per second (suffixes k, M, G), 0 = unlimited")
+    p.add_argument("--job-id")
+    p.add_argument("--wait", action="store_true", help="wait for the end; the exit status says how it ended")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("jobs", help="list block jobs (HMP info block-jobs)")
+    p.add_argument("--qmp", required=True)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("monitor", help="HMP shell: block_stream, info block-jobs, snapshot_blkdev ...")
+    p.add_argument("--qmp", required=True)
+    p.add_argument("-c", "--command", action="append", help="run this HMP line (repeatable) and exit")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("demo", help="the whole story on a demo chain: build, serve, boot a guest, stream, check")
+    p.add_argument("--workdir", help="where to build the chain (default: a new temporary directory)")
+    p.add_argument("--size", type=int, default=256, help="disk size in MiB")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.set_defaults(func=cmd_demo)

@@ -7,7 +7,7 @@ import ctypes.util
 import errno
 import os
 
-from vdisk import locking, native
+from vdisk import faults, locking, native
 from vdisk.errors import OutOfRange, ReadOnlyError, StorageError
 from vdisk.qcow2 import format as fmt
 
@@ -56,6 +56,8 @@ class RawImage:
     def pread(self, buf, guest_offset: int) -> None:
         view = memoryview(buf).cast("B")
         self._check(guest_offset, len(view))
+        if faults.ENABLED:
+            faults.check(self.path, "read", guest_offset, len(view))
         native.pread_full(self.fd, view, guest_offset)
 
     def pwrite(self, buf, guest_offset: int, *, fua: bool = False) -> None:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vdisk import locking, native
+from vdisk import faults, locking, native
 from vdisk.errors import CorruptImage, FormatError, OutOfRange, ReadOnlyError, StorageError, UnsupportedFeature
 from vdisk.qcow2 import format as fmt
 from vdisk.qcow2.tables import RefcountBlock, Table, l2_units, runs
@@ -275,6 +275,8 @@ class Qcow2Image:
         return data.ljust(length, b"\0")
 
     def _pread_into(self, view: memoryview, offset: int) -> None:
+        if faults.ENABLED:
+            faults.check(self.path, "read", offset, len(view))
         try:
             native.pread_full(self.fd, view, offset)
         except StorageError as exc:
@@ -282,6 +284,8 @@ class Qcow2Image:
             raise
 
     def _pwrite(self, data, offset: int) -> None:
+        if faults.ENABLED:
+            faults.check(self.path, "write", offset, len(data))
         try:
             native.pwrite_full(self.fd, data, offset)
         except StorageError as exc:
@@ -292,8 +296,10 @@ class Qcow2Image:
         if len(buffers) == 1:
             self._pwrite(buffers[0], offset)
             return
+        total = sum(len(b) for b in buffers)
+        if faults.ENABLED:
+            faults.check(self.path, "write", offset, total)
         try:
-            total = sum(len(b) for b in buffers)
             done = os.pwritev(self.fd, buffers, offset)
         except OSError as exc:
             raise StorageError.from_oserror(exc, path=self.path, action=f"write at {offset:#x}") from exc
@@ -777,6 +783,8 @@ class Qcow2Image:
             n_data = int(np.count_nonzero(as_data))
             host = self._allocate(n_data) if n_data else 0
         if n_data:
+            if faults.ENABLED:
+                faults.check(self.path, "write", host, n_data * cs)
             try:
                 native.pwrite_selected(self.fd, buf, cs, as_data, host)
             except StorageError as exc:

@@ -970,6 +970,28 @@ class QMPConnectionCore:
         self._json = JSONStreamParser(max_message_size=max_message_size, max_nesting=max_nesting)
 
     @property
+    def max_message_size(self) -> int:
+        """Bytes one message may take on the wire (settable; applies from the next byte)."""
+        return self._json.max_message_size
+
+    @max_message_size.setter
+    def max_message_size(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("max_message_size must be positive")
+        self._json.max_message_size = value
+
+    @property
+    def max_nesting(self) -> int:
+        """Deepest nesting of arrays and objects one message may use (settable)."""
+        return self._json.max_nesting
+
+    @max_nesting.setter
+    def max_nesting(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("max_nesting must be positive")
+        self._json.max_nesting = value
+
+    @property
     def events_enabled(self) -> bool:
         """Asynchronous events are delivered only after negotiation (QMP spec)."""
         return self.state is QMPState.COMMAND_MODE

@@ -104,7 +104,7 @@ def nbd_block_status(h: nbd.NBD, size: int = DISK_SIZE) -> list[tuple[int, int, 
 def nbd_errno(call) -> int:
     with pytest.raises(nbd.Error) as excinfo:
         call()
-    return excinfo.value.errno
+    return excinfo.value.errnum
 
 
 def patterned(rng: random.Random, length: int) -> bytes:
@@ -501,7 +501,7 @@ def test_full_disk_gives_enospc_and_the_server_keeps_serving(tmp_path):
                 try:
                     h.pwrite(data, offset)
                 except nbd.Error as exc:
-                    failure = (offset, exc.errno)
+                    failure = (offset, exc.errnum)
                     break
                 written[offset] = data
             assert failure is not None, "a 2 MiB file system held 64 MiB"
@@ -549,3 +549,18 @@ def test_serve_fails_fast_with_one_line_on_a_broken_image(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert str(bad) in proc.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_sigterm_stops_the_server_while_a_client_stays_connected(chain4, tmp_path):
+    """nbdkit alone would wait for the client to leave; vdisk serve ends idle connections and exits cleanly."""
+    with serve(chain4["D"]) as served:
+        h = connect(served)
+        h.pwrite(b"\x66" * 100_000, 2 * MiB + 7)
+
+        assert served.stop(signal.SIGTERM, timeout=15) == 0
+
+        assert nbd_errno(lambda: h.pread(512, 0)) in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE)
+    model = bytearray(qemu_raw(chain4["C"], tmp_path / "c.raw"))
+    model[2 * MiB + 7 : 2 * MiB + 7 + 100_000] = b"\x66" * 100_000
+    assert qemu_raw(chain4["D"], tmp_path / "d.raw") == model
+    assert_clean(chain4["D"])

@@ -126,7 +126,7 @@ def everything(cluster_size: int) -> list[str]:
         "write -P 0x15 1536k 256k",
         "discard 1536k 128k",
         f"write -c -P 0x16 {2 * MiB} {c}",  # qemu compresses only into unallocated clusters
-        f"write -P 0x17 {2 * MiB + c} {c}",
+        f"write -P 0x17 {2 * MiB + c} 64k",
     ]
 
 
@@ -148,7 +148,8 @@ def _extended_l2(cluster_size: int, backed: bool) -> Callable[[Path], Path]:
             create(d / "base.qcow2", "4M")
             qemu_io(d / "base.qcow2", "write -P 0xaa 0 4M")
             backing = "base.qcow2"
-        image = create(d / "img.qcow2", "4M", "extended_l2=on", f"cluster_size={cluster_size}", backing=backing)
+        size = str(max(4 * MiB, 8 * cluster_size))
+        image = create(d / "img.qcow2", size, "extended_l2=on", f"cluster_size={cluster_size}", backing=backing)
         qemu_io(
             image,
             f"write -P 0x21 0 {2 * sub}",  # two whole subclusters
@@ -288,7 +289,7 @@ def _longer_backing(d: Path) -> Path:
 def _mixed_chain(d: Path) -> Path:
     """Every node different: v2 4k <- extended L2 32k <- zstd 2M <- 512 B refcount_bits=8."""
     a = create(d / "a.qcow2", "6M", "compat=0.10", "cluster_size=4k")
-    qemu_io(a, "write -P 0xc1 0 6M", "write -c -P 0xc9 5M 64k")
+    qemu_io(a, "write -P 0xc1 0 5M", "write -c -P 0xc9 5M 64k")
     b = create(d / "b.qcow2", "6M", "extended_l2=on", "cluster_size=32k", backing="a.qcow2")
     qemu_io(b, "write -P 0xc2 1M 3k", "write -z 1200k 1k", "discard 2M 64k")
     c = create(d / "c.qcow2", "6M", "compression_type=zstd", "cluster_size=2M", backing="b.qcow2")
@@ -389,8 +390,9 @@ def test_vdisk_reads_what_qemu_img_convert_reads(made: Made, built, tmp_path: Pa
         assert read_all(image) == qemu_raw(image, tmp_path / "qemu.raw")
         return
     for guest_offset, length in made.regions:
-        run("qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={image}", f"of={tmp_path / 'r.raw'}",
-            "bs=64k", f"skip={guest_offset // (64 * KiB)}", f"count={length // (64 * KiB)}")
+        # A raw node with offset/size over the qcow2 node: qemu reads just that window.
+        window = f"driver=raw,offset={guest_offset},size={length},file.driver=qcow2,file.file.filename={image}"
+        run("qemu-img", "convert", "-U", "--image-opts", window, "-O", "raw", tmp_path / "r.raw")
         assert read_all(image, guest_offset, length) == (tmp_path / "r.raw").read_bytes(), guest_offset
 
 
@@ -401,7 +403,7 @@ def test_vdisk_map_equals_qemu_img_map(made: Made, built, capsys):
     code, ours = vdisk_json(capsys, "map", "-U", "--output=json", str(image))
     assert code == 0
     keys = common_keys(theirs, ours)
-    assert {"start", "length", "depth", "zero", "data", "offset"} <= keys
+    assert {"start", "length", "depth", "zero", "data"} <= keys
     strip = lambda entries: [{k: v for k, v in e.items() if k in keys} for e in entries]  # noqa: E731
     assert strip(ours) == strip(theirs)
 
@@ -430,7 +432,7 @@ def test_vdisk_check_agrees_with_qemu_img_check(made: Made, built, capsys):
     assert (code, ours.get("corruptions", 0), ours.get("leaks", 0)) == (0, 0, 0), ours
     assert qemu_code == 0
     for key in ("image-end-offset", "total-clusters", "allocated-clusters", "check-errors"):
-        assert ours[key] == theirs[key], key
+        assert ours.get(key) == theirs.get(key), key
 
 
 # --- vdisk writing over qemu's images -----------------------------------------------------------------
@@ -456,7 +458,7 @@ def write_sequence(cluster_size: int, size: int) -> list[tuple]:
         ("zero", size - 3 * c, 3 * c, False),
         ("write", size - 2 * c + 5, 11, 0x06),
     ]
-    return [op for op in ops if op[0] in ("flush", "reopen") or op[1] + op[2] <= size]
+    return [op for op in ops if op[0] in ("flush", "reopen") or (op[1] >= 0 and op[1] + op[2] <= size)]
 
 
 def apply(top, model: bytearray, op: tuple, v3_or_no_backing: bool) -> None:

@@ -76,7 +76,9 @@ class RangeLock:
         """
         token = (start, end, mode)
         with self._cond:
-            while any(s < end and start < e and (m, mode) in _CONFLICTS for s, e, m in self._held):
+            while self._held and any(
+                s < end and start < e and (m, mode) in _CONFLICTS for s, e, m in self._held
+            ):
                 self._cond.wait()
             self._held.append(token)
         return token
@@ -142,8 +144,11 @@ class BlockDevice:
         if (self.copy_on_read or self.cor_active) and not self.read_only and isinstance(self.top, Qcow2Image):
             if self._read_with_copy(view, offset):
                 return
-        with self.ranges.hold(offset, offset + len(view), READ):
+        token = self.ranges.acquire(offset, offset + len(view), READ)
+        try:
             self.top.pread(view, offset)
+        finally:
+            self.ranges.release(token)
 
     def _read_with_copy(self, view: memoryview, offset: int) -> bool:
         """Copy-on-read: a read of clusters that the chain above the base holds also fills the active image.

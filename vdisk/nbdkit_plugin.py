@@ -7,6 +7,10 @@ exceptions onto the errno nbdkit sends to the client.  Nothing else lives here.
 import errno
 import functools
 import logging
+import os
+import socket
+import stat
+import threading
 
 import nbdkit
 
@@ -17,6 +21,7 @@ API_VERSION = 2
 
 log = logging.getLogger("vdisk.nbdkit")
 _server = Server()
+_stop_fd: int | None = None  # read end of the pipe `vdisk serve` closes to stop us (see stop_serving)
 
 
 def errno_for(exc: BaseException) -> int:
@@ -44,6 +49,10 @@ def _guard(callback):
 
 
 def config(key, value):
+    global _stop_fd
+    if key == "stop-fd":  # process plumbing from vdisk.serve, not a disk setting
+        _stop_fd = int(value)
+        return
     _server.config(key, value)
 
 
@@ -64,8 +73,57 @@ def get_ready():
 
 
 def after_fork():
-    _server.shutdown_hook = nbdkit.shutdown
+    _server.shutdown_hook = stop_serving
     _server.start()
+    if _stop_fd is not None:
+        threading.Thread(target=_stop_when_closed, args=(_stop_fd,), name="vdisk-stop", daemon=True).start()
+
+
+# --- stopping with clients attached ---------------------------------------------------------------------
+# nbdkit 1.32 on SIGTERM (or nbdkit.shutdown()) stops accepting, then waits for every client to disconnect:
+# a connection idle in read() never looks at the quit flag, so a guest that stays attached keeps the server
+# up forever.  So after asking nbdkit to quit we shut the read side of each client socket: the blocked read
+# sees end-of-file and nbdkit ends the connection once the request it is running (if any) has been answered
+# (the write side stays open for that reply).  When the last connection ends nbdkit calls cleanup, which
+# flushes and closes the chain.  Requests a client pipelined but nbdkit had not read yet are not answered:
+# the client sees the connection close, as with qemu-nbd on SIGTERM.
+
+
+def stop_serving() -> None:
+    """Stop nbdkit gracefully now, even with clients attached (SIGTERM in `vdisk serve`, QMP quit)."""
+    nbdkit.shutdown()
+    keep = {_server.qmp_path} if _server.qmp_path else set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = os.dup(int(name))
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)  # owns the duplicate; the original fd stays nbdkit's
+            fd = -1
+            with sock:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) or sock.getsockname() in keep:
+                    continue
+                sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # not connected, or gone meanwhile
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _stop_when_closed(fd: int) -> None:
+    """`vdisk serve` holds the write end of this pipe and closes it when told to stop, or when it dies."""
+    while True:
+        try:
+            os.read(fd, 1)
+            break
+        except InterruptedError:
+            continue
+    log.info("stop requested by vdisk serve")
+    stop_serving()
 
 
 def cleanup():

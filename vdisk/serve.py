@@ -9,6 +9,11 @@ writes its pid file there; once that pid file appears we chmod the socket to ``s
 into place (a bound socket keeps working under its new name), and only then write the user's
 ``--pid-file`` (our own pid: signals sent to us are forwarded, and we remove the socket afterwards).  So
 no other user can ever connect, and the pid file means "clients can connect now".
+
+Stopping.  nbdkit 1.32 alone would wait on SIGTERM until every client disconnects.  nbdkit inherits the read
+end of a pipe (plugin key ``stop-fd``); on SIGTERM/SIGINT/SIGHUP we close its write end (and forward the
+signal), and the plugin then ends idle connections too (``vdisk.nbdkit_plugin.stop_serving``).  If we die,
+the pipe closes all the same.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ def python_path() -> str:
     return os.pathsep.join(dict.fromkeys(entries))
 
 
-def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: str | None = None) -> list[str]:
-    """nbdkit's argv; ``socket``/``pid_file`` override where nbdkit itself binds and writes (see start-up order)."""
+def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: str | None = None,
+                   stop_fd: int | None = None) -> list[str]:
+    """nbdkit's argv; ``socket``/``pid_file`` override where nbdkit itself binds and writes (see start-up order),
+    ``stop_fd`` is the pipe whose closing stops the plugin (see stopping)."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise GenericError("nbdkit is not installed (Debian: apt-get install nbdkit nbdkit-plugin-python)")
@@ -79,6 +86,8 @@ def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: s
         cmd.append(f"qmp={opts.qmp}")
     if opts.description is not None:
         cmd.append(f"description={opts.description}")
+    if stop_fd is not None:
+        cmd.append(f"stop-fd={stop_fd}")
     return cmd
 
 
@@ -125,13 +134,20 @@ def serve(opts: ServeOptions) -> int:
     private = _private_dir(opts)
     private_socket = os.path.join(private, "s") if opts.socket else None
     private_pid = os.path.join(private, "pid")
+    stop_read, stop_write = os.pipe()
     old_umask = os.umask(0o777 & ~opts.socket_mode)  # the sockets nbdkit and the monitor create
     try:
-        proc = subprocess.Popen(nbdkit_command(opts, socket=private_socket, pid_file=private_pid), env=nbdkit_env())
+        cmd = nbdkit_command(opts, socket=private_socket, pid_file=private_pid, stop_fd=stop_read)
+        proc = subprocess.Popen(cmd, env=nbdkit_env(), pass_fds=(stop_read,))
     finally:
         os.umask(old_umask)
+        os.close(stop_read)
 
     def forward(signum, _frame):
+        nonlocal stop_write
+        if stop_write >= 0:  # the plugin stops nbdkit, and ends idle client connections (see stopping)
+            os.close(stop_write)
+            stop_write = -1
         proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -151,4 +167,6 @@ def serve(opts: ServeOptions) -> int:
             if path and os.path.exists(path):
                 os.unlink(path)
         shutil.rmtree(private, ignore_errors=True)
+        if stop_write >= 0:
+            os.close(stop_write)
     return status if status >= 0 else 128 - status

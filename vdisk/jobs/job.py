@@ -174,32 +174,28 @@ JOB_VERB_TABLE: dict[tuple[JobStatus, JobVerb], bool] = {
 }
 
 
-def transition(status: JobStatus, new_status: JobStatus) -> JobStatus:
+def transition(status: JobStatus | str, new_status: JobStatus | str) -> JobStatus:
     """``new_status`` if JobSTT allows ``status -> new_status``; else :class:`StateError`."""
     try:
-        allowed = JOB_STATUS_TRANSITIONS[(status, new_status)]
-    except KeyError:
+        src, dst = JobStatus(status), JobStatus(new_status)
+    except ValueError:
         raise StateError(f"unknown job states {status!r} -> {new_status!r}") from None
-    if not allowed:
-        raise StateError(
-            f"Job state transition '{status}' -> '{new_status}' is not allowed",
-            state=str(status),
-            action=str(new_status),
-        )
-    return new_status
+    if not JOB_STATUS_TRANSITIONS[(src, dst)]:
+        raise StateError(f"Job state transition '{src}' -> '{dst}' is not allowed", state=str(src), action=str(dst))
+    return dst
 
 
-def check_verb(status: JobStatus, verb: JobVerb, job_id: str | None = None) -> None:
+def check_verb(status: JobStatus | str, verb: JobVerb | str, job_id: str | None = None) -> None:
     """Raise :class:`StateError` (QMP class GenericError) with QEMU's words if ``verb`` is refused."""
     try:
-        allowed = JOB_VERB_TABLE[(status, verb)]
-    except KeyError:
+        current, wanted = JobStatus(status), JobVerb(verb)
+    except ValueError:
         raise StateError(f"unknown job state/verb {status!r} {verb!r}") from None
-    if not allowed:
+    if not JOB_VERB_TABLE[(current, wanted)]:
         raise StateError(
-            f"Job '{job_id}' in state '{status}' cannot accept command verb '{verb}'",
-            state=str(status),
-            action=str(verb),
+            f"Job '{job_id}' in state '{current}' cannot accept command verb '{wanted}'",
+            state=str(current),
+            action=str(wanted),
         )
 
 
@@ -682,7 +678,8 @@ class Job:
     # -- job.c's internal steps
 
     def _cancel_async(self, force: bool) -> None:
-        force = self._driver_cancel(force)
+        # a job that never ran has nothing to complete softly: its cancel is always a real one
+        force = self._driver_cancel(force) or not self.started
         if self.user_paused:
             self._user_resume_hook()
             self.user_paused = False
@@ -783,7 +780,8 @@ class Job:
         raise GenericError(f"The active block job '{self.id}' cannot be completed")
 
     def _driver_cancel(self, force: bool) -> bool:
-        """Return the effective force; jobs without a soft cancel treat every cancel as forced."""
+        """Return the effective force; jobs without a soft cancel treat every cancel as forced.
+        (QEMU's mirror: ``force or not self.is_ready`` -- a soft cancel exists only in ready/standby.)"""
         return True
 
     def _driver_change(self, options: Mapping[str, Any]) -> list[Event]:

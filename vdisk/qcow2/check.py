@@ -46,6 +46,8 @@ class CheckResult:
         return 0
 
     def as_json(self) -> dict:
+        # qemu-img leaves out image-end-offset, total-clusters and allocated-clusters when they are 0
+        # (an empty image has no allocated-clusters key at all), so do we.
         out = {
             "image-end-offset": self.image_end_offset,
             "total-clusters": self.total_clusters,
@@ -54,6 +56,9 @@ class CheckResult:
             "filename": self.filename,
             "format": "qcow2",
         }
+        for key in ("image-end-offset", "total-clusters", "allocated-clusters"):
+            if not out[key]:
+                del out[key]
         for key, value in (("corruptions", self.corruptions), ("leaks", self.leaks),
                            ("corruptions-fixed", self.corruptions_fixed), ("leaks-fixed", self.leaks_fixed)):
             if value:

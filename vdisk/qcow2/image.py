@@ -487,8 +487,8 @@ class Qcow2Image:
             if block is None:
                 return None
             limit = min(per, end_cluster - rt_index * per)
-            found = block.first_free_run(index, count) if index < limit else None
-            if found is not None and found + count <= limit:
+            found = block.first_free_run(index, count, limit)
+            if found is not None:
                 self._free_hint = rt_index * per + found + count
                 return (rt_index * per + found) << self.cluster_bits
             if found is None:
@@ -523,6 +523,8 @@ class Qcow2Image:
         Compressed runs carry the raw L2 entry as host offset.  Zero and unallocated runs carry the host offset
         of a preallocated cluster (or of an allocated cluster's unallocated subclusters), else 0.
         """
+        if not self.extended_l2 and length and (guest_offset & (self.cluster_size - 1)) + length <= self.cluster_size:
+            return [self._map_in_cluster(guest_offset, length)]
         out: list[tuple[int, int, int, int]] = []
         end = guest_offset + length
         unit = self.unit_size
@@ -558,6 +560,25 @@ class Qcow2Image:
                     out.append((start, stop_run - start, kind, host))
                 pos = stop
         return out
+
+    def _map_in_cluster(self, guest_offset: int, length: int) -> tuple[int, int, int, int]:
+        """map_units for a range inside one cluster (standard L2): scalar code, the small-I/O fast path."""
+        cluster = guest_offset >> self.cluster_bits
+        l1_index, l2_index = divmod(cluster, self.l2_entries)
+        with self.lock:
+            table = self._l2_table(l1_index)
+            entry = int(table.view[l2_index]) if table is not None else 0
+        if entry & fmt.OFLAG_COMPRESSED:
+            return guest_offset, length, fmt.KIND_COMPRESSED, entry
+        if entry & fmt.OFLAG_ZERO:
+            return guest_offset, length, fmt.KIND_ZERO, entry & fmt.L2E_OFFSET_MASK
+        host = entry & fmt.L2E_OFFSET_MASK
+        if not host:
+            return guest_offset, length, fmt.KIND_UNALLOCATED, 0
+        if host % self.cluster_size or host >= fmt.MAX_HOST_OFFSET:
+            raise CorruptImage("data cluster offset invalid (unaligned or beyond 2^56)", path=self.path,
+                               field=f"L2 table of l1[{l1_index}]")
+        return guest_offset, length, fmt.KIND_DATA, host + (guest_offset & (self.cluster_size - 1))
 
     def _validate_units(self, kinds: np.ndarray, hosts: np.ndarray, l1_index: int) -> None:
         data = kinds == fmt.KIND_DATA
@@ -874,7 +895,10 @@ class Qcow2Image:
                 for i in range(l2_index, l2_index + chunk_stop - cluster):
                     old = int(table.view[i * self.l2_words])
                     old_host = old & fmt.L2E_OFFSET_MASK
-                    keep = keep_allocation and old_host and not old & fmt.OFLAG_COMPRESSED
+                    # Only the zero flag makes a kept host cluster read as zeros.  Without it (v2, no backing
+                    # file: the only v2 case that gets here) keeping the cluster would keep its old data, so
+                    # it is released instead and the unallocated cluster reads as zeros.
+                    keep = use_zero_flag and keep_allocation and old_host and not old & fmt.OFLAG_COMPRESSED
                     if keep:
                         desc = old_host | fmt.OFLAG_COPIED
                     else:

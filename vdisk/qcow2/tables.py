@@ -76,17 +76,18 @@ class RefcountBlock(Table):
         parts = [(raw >> (self.bits * k)) & self.mask for k in range(per_byte)]
         return np.stack(parts, axis=1).reshape(-1).astype(np.uint64)
 
-    def first_free_run(self, start: int, count: int) -> int | None:
-        """Index of the first run of ``count`` zero refcounts at or after ``start``, or None."""
-        free = self.values()[start:] == 0
-        if count == 1:
-            hits = np.flatnonzero(free)
-            return int(hits[0]) + start if hits.size else None
-        if free.size < count:
+    def first_free_run(self, start: int, count: int, stop: int) -> int | None:
+        """Index of the first run of ``count`` zero refcounts within [start, stop), or None."""
+        if stop - start < count:
             return None
-        window = np.convolve(free.astype(np.int32), np.ones(count, dtype=np.int32), mode="valid")
-        hits = np.flatnonzero(window == count)
-        return int(hits[0]) + start if hits.size else None
+        if self.order >= 3:
+            free = self.view[start:stop] == 0
+        else:
+            free = self.values()[start:stop] == 0
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], free, [False])).view(np.int8)))
+        run_starts, run_stops = edges[0::2], edges[1::2]
+        long_enough = np.flatnonzero(run_stops - run_starts >= count)
+        return int(run_starts[long_enough[0]]) + start if long_enough.size else None
 
 
 def l2_units(entries: np.ndarray, extended: bool, cluster_bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ objects, so that is safe and lets I/O and scans run beside the other threads.
 
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 
@@ -50,7 +51,6 @@ ffibuilder.set_source(
 )
 
 
-
 def build_in_place() -> str:
     """Build ``vdisk/_copier*.so`` in the source tree the way ``pip install -e .`` does.
 
@@ -71,7 +71,14 @@ def build_in_place() -> str:
         warnings.filterwarnings("ignore", message=".*setup.py install is deprecated")
         dist.run_command("build_ext")
     [extension] = build_ext.extensions
-    return build_ext.get_ext_fullpath(extension.name)
+    output = os.path.abspath(build_ext.get_ext_fullpath(extension.name))
+    # A differently named build of the same module (e.g. _copier.cpython-311-*.so from ffibuilder.compile())
+    # would take precedence over this one at import: remove it.
+    for other in glob.glob(os.path.join(os.path.dirname(output), "_copier.*.so")):
+        if os.path.abspath(other) != output:
+            os.unlink(other)
+            print(f"removed {other}, which would shadow {output}")
+    return output
 
 
 if __name__ == "__main__":

@@ -715,7 +715,7 @@ class JobMachine(RuleBasedStateMachine):
             job.resume()
         if job.status is JobStatus.CREATED and not job.started:
             self.record(job.start())
-        if job.user_paused and job.status is not JobStatus.NULL:
+        if job.user_paused and JOB_VERB_TABLE[(job.status, JobVerb.RESUME)]:
             self.record(job.user_resume())
         if self.worker_active:
             if job.paused:

@@ -289,15 +289,15 @@ def test_connections_writing_into_the_same_clusters_at_once(chain4, tmp_path, th
         def write(i: int) -> None:
             try:
                 h = handles[i]
-                buffers = []
+                sent = []  # (cookie, buffer): the buffer must live until the write completes
                 for offset in range(i * chunk, region, writers * chunk):
                     buf = nbd.Buffer.from_bytearray(bytearray(model[offset : offset + chunk]))
-                    buffers.append(buf)
-                    h.aio_pwrite(buf, offset)
+                    sent.append((h.aio_pwrite(buf, offset), buf))
                     while h.aio_in_flight() >= 16:
                         h.poll(-1)
                 while h.aio_in_flight():
                     h.poll(-1)
+                assert all(h.aio_command_completed(cookie) for cookie, _ in sent)  # raises on an error reply
             except BaseException as exc:  # re-raised in the main thread
                 errors.append(exc)
 

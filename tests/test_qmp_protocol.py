@@ -41,7 +41,8 @@ from vdisk.qmp.protocol import (
 HYPOTHESIS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NEGOTIATE = b'{"execute": "qmp_capabilities"}'
 SENTINEL = b'\x01\n{"id": "__end__"}'
-SENTINEL_REPLY = b'{"id": "__end__", "error": {"class": "GenericError", "desc": "QMP input lacks member \'execute\'"}}\r\n'
+SENTINEL_REPLY = (b'{"id": "__end__", "error": {"class": "GenericError", '
+                  b'"desc": "QMP input lacks member \'execute\'"}}\r\n')
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -75,10 +76,6 @@ def error_line(desc: str, cls: str = "GenericError", id_json: str | None = None)
     return f'{head}"error": {{"class": "{cls}", "desc": {desc_json}}}}}\r\n'.encode()
 
 
-def events_of(core: QMPConnectionCore, data: bytes):
-    return core.receive_data(data)
-
-
 def command_mode_core(**limits) -> QMPConnectionCore:
     """A core past negotiation, with ``limits`` (max_message_size, max_nesting) applied after it."""
     core = QMPConnectionCore()
@@ -98,7 +95,8 @@ CASES: list[tuple[str, bytes, bytes]] = [
     ("command before negotiation", b'{"execute": "query-jobs"}', NOT_NEGOTIATED),
     ("command before negotiation keeps id", b'{"execute": "query-jobs", "id": "a"}',
      error_line("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound", '"a"')),
-    ("negotiate then renegotiate", b'{"execute":"qmp_capabilities","id":7}{"execute":"qmp_capabilities","id":[1,{"a":null}]}',
+    ("negotiate then renegotiate",
+     b'{"execute":"qmp_capabilities","id":7}{"execute":"qmp_capabilities","id":[1,{"a":null}]}',
      b'{"return": {}, "id": 7}\r\n' + error_line(ALREADY, "CommandNotFound", '[1, {"a": null}]')),
     ("not an object", b"[1]", error_line("QMP input must be a JSON object")),
     ("top-level number", b"123 ", error_line("QMP input must be a JSON object")),
@@ -165,7 +163,8 @@ CASES: list[tuple[str, bytes, bytes]] = [
          "The command nope has not been found", "CommandNotFound",
          '[1.5, 0, inf, 18446744073709551615, 1.8446744073709552e+19, -9.2233720368547758e+18, '
          '-9223372036854775808, "\\u0000/", 0.10000000000000001, 100, -0.0015]')),
-    ("non-ASCII id is escaped", NEGOTIATE + b'{"execute":"nope","id":"\xc3\xa9\xf0\x9f\x98\x80\\u007f\\u0001\\b\\f\\n\\r\\t"}',
+    ("non-ASCII id is escaped",
+     NEGOTIATE + b'{"execute":"nope","id":"\xc3\xa9\xf0\x9f\x98\x80\\u007f\\u0001\\b\\f\\n\\r\\t"}',
      b'{"return": {}}\r\n' + error_line("The command nope has not been found", "CommandNotFound",
                                         '"\\u00E9\\uD83D\\uDE00\\u007F\\u0001\\b\\f\\n\\r\\t"')),
     ("single-quoted escapes", NEGOTIATE + b"{'execute': 'no\\'pe', 'id': 'say \"hi\"'}",

@@ -25,9 +25,9 @@ Range lock (``RangeLock``), over guest byte ranges, three modes:
 * Guest reads take READ over exactly their range: they never wait for the copier (the copy does not change
   what the guest sees) and wait at most for one overlapping guest write, or one COPY unit when copy-on-read
   turns the read itself into a copy.
-* Switching the chain (snapshot, the end of a stream) takes WRITE over the whole disk: it waits for requests
-  in flight and holds new ones for the switch only (a header write and an fdatasync; the bulk flush happens
-  before, without the lock).
+* Switching the chain (snapshot, the end of a stream, reopening an intermediate node read-write for a stream
+  into it and read-only after) takes WRITE over the whole disk: it waits for requests in flight and holds new
+  ones for the switch only (a header write and an fdatasync; the bulk flush happens before, without the lock).
 
 Below this, ``Qcow2Image.lock`` covers metadata only; payload I/O runs under the range lock alone.
 Accepted race: two guest requests that overlap are ordered by the range lock in arrival order at the lock,
@@ -45,7 +45,7 @@ import numpy as np
 
 from vdisk import chain, native
 from vdisk.backend import Backend
-from vdisk.errors import OutOfRange, ReadOnlyError
+from vdisk.errors import GenericError, OutOfRange, ReadOnlyError, VdiskError
 from vdisk.qcow2.image import Qcow2Image
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,13 @@ class BlockDevice:
             top.pread(view, offset)
         return True
 
-    def copy_wanted(self, start: int, end: int, base: Backend | None) -> np.ndarray:
-        """Clusters of [start, end) that are unallocated in the active image and held above ``base``.
+    def copy_wanted(self, start: int, end: int, base: Backend | None, target: Qcow2Image | None = None) -> np.ndarray:
+        """Clusters of [start, end) that are unallocated in ``target`` and held between it and ``base``.
 
-        ``base`` None means the whole chain below the active image.
+        ``target`` is the active image unless a job streams into an intermediate node; ``base`` None means
+        the whole chain below the target.
         """
-        top: Qcow2Image = self.top  # type: ignore[assignment]
+        top: Qcow2Image = target if target is not None else self.top  # type: ignore[assignment]
         cs = top.cluster_size
         first = start // cs
         count = -(-(end - start) // cs)
@@ -244,5 +245,37 @@ class BlockDevice:
         with self.ranges.hold(0, max(self.size, 1), WRITE):
             yield
 
+    def reopen_node(self, node: Backend, *, read_only: bool) -> Backend:
+        """Swap a backing node for the same file opened read-only or read-write; returns the new node.
+
+        QEMU's bdrv_reopen for a job that writes into an intermediate image: the node is writable (and holds
+        QEMU's write lock bytes) only while the job runs.  The old node is closed first, under quiesce, since
+        its own lock bytes refuse writers; if the new access is refused, the old one is restored.
+        """
+        nodes = self.nodes()
+        index = nodes.index(node)
+        if index == 0:
+            raise GenericError(f"{node.path} is the active image of device '{self.name}', not a backing node")
+        above = nodes[index - 1]
+        with self.quiesced():
+            node.close()  # flushes a writable node first
+            try:
+                new = chain.open_node(node.path, node.format_name, read_only=read_only)
+            except VdiskError:
+                new = chain.open_node(node.path, node.format_name, read_only=node.read_only)
+                _adopt(new, node, above)
+                raise
+            _adopt(new, node, above)
+        log.info("device %s: %s reopened %s", self.name, node.path, "read-only" if read_only else "read-write")
+        return new
+
     def close(self) -> None:
         chain.close_chain(self.top)
+
+
+def _adopt(new: Backend, old: Backend, above: Backend) -> None:
+    """Put ``new`` in ``old``'s place in the chain (same backing, same QMP node name)."""
+    new.backing = old.backing
+    if getattr(old, "node_name", None) is not None:
+        new.node_name = old.node_name
+    above.backing = new

@@ -148,6 +148,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                             repair=False)
     try:
         result = check_image(image, repair=args.repair)
+        if result.leaks_fixed or result.corruptions_fixed:
+            # As qemu-img does: report the image as it is after the repair, plus what was fixed.
+            fixed = result
+            result = check_image(image)
+            result.messages = fixed.messages + result.messages
+            result.leaks_fixed, result.corruptions_fixed = fixed.leaks_fixed, fixed.corruptions_fixed
     finally:
         image.close()
     if args.output == "json":

@@ -30,12 +30,13 @@ Python fallback is used instead.
 from __future__ import annotations
 
 import errno as _errno
+import importlib
 import logging
 import operator
 import os
 import threading
 from types import ModuleType
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ _IOV_MAX = 1024
 #: ``copy_file_range`` errors that mean "not between these two files": copy through the bounce buffer.
 _COPY_FALLBACK_ERRNOS = frozenset({_errno.EXDEV, _errno.ENOSYS, _errno.EOPNOTSUPP, _errno.ENOTSUP, _errno.EINVAL})
 
-Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
 # --- argument validation --------------------------------------------------------------------------------
@@ -75,14 +76,18 @@ def _byte_view(buf: Any, name: str, *, writable: bool = False) -> memoryview:
     try:
         view = memoryview(buf)
     except TypeError:
-        raise OutOfRange(f"{name} must be a buffer (bytes, bytearray, memoryview, numpy array), "
-                         f"not {type(buf).__name__}") from None
+        raise OutOfRange(
+            f"{name} must be a buffer (bytes, bytearray, memoryview, numpy array), not {type(buf).__name__}"
+        ) from None
     if not view.c_contiguous:
         raise OutOfRange(f"{name} must be C-contiguous (got a strided view of shape {view.shape})")
     if writable and view.readonly:
         raise OutOfRange(f"{name} is read-only; a read needs a writable buffer (bytearray, numpy array)")
     if view.ndim != 1 or view.format != "B":
-        view = view.cast("B")
+        try:
+            view = view.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise OutOfRange(f"{name} cannot be seen as bytes: {exc}") from None
     return view
 
 
@@ -105,8 +110,11 @@ def _check_fd(name: str, fd: Any) -> int:
 def _check_span(name: str, offset: Any, length: int) -> int:
     offset = _check_int(name, offset)
     if offset + length > OFF_MAX:
-        raise OutOfRange(f"{name} {offset:#x} + length {length:#x} passes the largest file offset {OFF_MAX:#x}",
-                         offset=offset, length=length)
+        raise OutOfRange(
+            f"{name} {offset:#x} + length {length:#x} passes the largest file offset {OFF_MAX:#x}",
+            offset=offset,
+            length=length,
+        )
     return offset
 
 
@@ -114,8 +122,9 @@ def _check_clusters(view: memoryview, cluster_size: Any) -> tuple[int, int]:
     """``(cluster_size, cluster_count)`` for a buffer that must hold whole clusters."""
     cluster_size = _check_int("cluster_size", cluster_size, minimum=1)
     if len(view) % cluster_size:
-        raise OutOfRange(f"buffer length {len(view)} is not a multiple of cluster_size {cluster_size}",
-                         length=len(view))
+        raise OutOfRange(
+            f"buffer length {len(view)} is not a multiple of cluster_size {cluster_size}", length=len(view)
+        )
     return cluster_size, len(view) // cluster_size
 
 
@@ -123,7 +132,7 @@ def _check_select(select: Any, n: int) -> np.ndarray:
     """A contiguous one-byte-per-cluster bool array (a view of ``select`` when it already is one)."""
     try:
         sel = np.asarray(select)
-    except Exception as exc:  # numpy raises several types for unconvertible input
+    except (TypeError, ValueError) as exc:
         raise OutOfRange(f"select must be an array of flags: {exc}") from None
     if sel.ndim != 1 or sel.shape[0] != n:
         raise OutOfRange(f"select has shape {sel.shape}; expected ({n},), one flag per cluster of the buffer")
@@ -239,14 +248,13 @@ class Core:
         dst_offset = _check_span("dst_offset", dst_offset, length)
         if not length:
             return
-        if (
-            src_offset < dst_offset + length
-            and dst_offset < src_offset + length
-            and _same_file(src_fd, dst_fd)
-        ):
+        if src_offset < dst_offset + length and dst_offset < src_offset + length and _same_file(src_fd, dst_fd):
             raise OutOfRange(
                 f"copy of {length} bytes from offset {src_offset:#x} to offset {dst_offset:#x} overlaps "
-                f"itself within one file", offset=dst_offset, length=length)
+                f"itself within one file",
+                offset=dst_offset,
+                length=length,
+            )
         self._copy_range(src_fd, src_offset, dst_fd, dst_offset, length)
 
     # Backends: arguments are validated and non-empty.
@@ -259,8 +267,7 @@ class Core:
     def _pwrite_full(self, fd: int, view: memoryview, offset: int) -> None:
         raise NotImplementedError
 
-    def _pwrite_selected(self, fd: int, view: memoryview, cluster_size: int, sel: np.ndarray,
-                         host_offset: int) -> None:
+    def _pwrite_selected(self, fd: int, view: memoryview, cluster_size: int, sel: np.ndarray, host_offset: int) -> None:
         raise NotImplementedError
 
     def _copy_range(self, src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
@@ -279,8 +286,10 @@ def _pwrite_action(length: int, offset: int) -> str:
 
 
 def _copy_action(src_fd: int, src_offset: int, dst_offset: int, length: int) -> str:
-    return (f"copy of {length} bytes from {_fd_path(src_fd) or f'fd {src_fd}'} offset {src_offset:#x} "
-            f"to offset {dst_offset:#x}")
+    return (
+        f"copy of {length} bytes from {_fd_path(src_fd) or f'fd {src_fd}'} offset {src_offset:#x} "
+        f"to offset {dst_offset:#x}"
+    )
 
 
 # --- the compiled core ------------------------------------------------------------------------------------
@@ -297,38 +306,58 @@ class CCore(Core):
         self.version: int = module.lib.vdisk_version()
         self.path: str | None = getattr(module, "__file__", None)
 
-    def _zero_map(self, view, cluster_size, out):
+    def _zero_map(self, view: memoryview, cluster_size: int, out: np.ndarray) -> None:
         ffi = self._ffi
-        rc = self._lib.vdisk_zero_map(ffi.from_buffer("uint8_t[]", view), len(view), cluster_size,
-                                      ffi.from_buffer("uint8_t[]", out, require_writable=True))
+        rc = self._lib.vdisk_zero_map(
+            ffi.from_buffer("uint8_t[]", view),
+            len(view),
+            cluster_size,
+            ffi.from_buffer("uint8_t[]", out, require_writable=True),
+        )
         if rc:
             raise OutOfRange(f"zero map refused: {os.strerror(-rc)}")
 
-    def _pread_full(self, fd, view, offset):
+    def _pread_full(self, fd: int, view: memoryview, offset: int) -> None:
         buf = self._ffi.from_buffer("uint8_t[]", view, require_writable=True)
         rc = self._lib.vdisk_pread_full(fd, buf, len(view), offset)
         if rc:
             raise _storage_error(-rc, fd, _pread_action(view, offset))
 
-    def _pwrite_full(self, fd, view, offset):
+    def _pwrite_full(self, fd: int, view: memoryview, offset: int) -> None:
         rc = self._lib.vdisk_pwrite_full(fd, self._ffi.from_buffer("uint8_t[]", view), len(view), offset)
         if rc:
             raise _storage_error(-rc, fd, _pwrite_action(len(view), offset))
 
-    def _pwrite_selected(self, fd, view, cluster_size, sel, host_offset):
+    def _pwrite_selected(self, fd: int, view: memoryview, cluster_size: int, sel: np.ndarray, host_offset: int) -> None:
         ffi = self._ffi
-        rc = self._lib.vdisk_pwrite_selected(fd, ffi.from_buffer("uint8_t[]", view), cluster_size,
-                                             ffi.from_buffer("uint8_t[]", sel), len(sel), host_offset)
+        rc = self._lib.vdisk_pwrite_selected(
+            fd,
+            ffi.from_buffer("uint8_t[]", view),
+            cluster_size,
+            ffi.from_buffer("uint8_t[]", sel),
+            len(sel),
+            host_offset,
+        )
         if rc:
             count = int(np.count_nonzero(sel))
-            raise _storage_error(-rc, fd, _pwrite_action(count * cluster_size, host_offset)
-                                 + f" ({count} selected clusters of {cluster_size} bytes)")
+            raise _storage_error(
+                -rc,
+                fd,
+                _pwrite_action(count * cluster_size, host_offset)
+                + f" ({count} selected clusters of {cluster_size} bytes)",
+            )
 
-    def _copy_range(self, src_fd, src_offset, dst_fd, dst_offset, length):
+    def _copy_range(self, src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
         bounce = _bounce()
-        rc = self._lib.vdisk_copy_range(src_fd, src_offset, dst_fd, dst_offset, length,
-                                        self._ffi.from_buffer("uint8_t[]", bounce, require_writable=True),
-                                        len(bounce))
+        rc = self._lib.vdisk_copy_range(
+            src_fd,
+            src_offset,
+            dst_fd,
+            dst_offset,
+            length,
+            self._ffi.from_buffer("uint8_t[]", bounce, require_writable=True),
+            len(bounce),
+        )
         if rc:
             raise _storage_error(-rc, dst_fd, _copy_action(src_fd, src_offset, dst_offset, length))
 
@@ -341,7 +370,7 @@ def _pread_upto(fd: int, view: memoryview, offset: int) -> int:
     Raises OSError.  (``os.preadv`` retries EINTR itself, PEP 475.)"""
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:done + _MAX_IO]], offset + done)
+        got = os.preadv(fd, [view[done : done + _MAX_IO]], offset + done)
         if got == 0:
             break
         done += got
@@ -352,10 +381,10 @@ def _fill_zero(view: memoryview) -> None:
     np.frombuffer(view, dtype=np.uint8).fill(0)
 
 
-def _pwrite_upto_all(fd: int, view: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        written = os.pwritev(fd, [view[done:done + _MAX_IO]], offset + done)
+        written = os.pwritev(fd, [view[done : done + _MAX_IO]], offset + done)
         if written == 0:
             raise OSError(_errno.EIO, "pwrite made no progress")
         done += written
@@ -386,10 +415,10 @@ def _selected_runs(sel: np.ndarray, max_clusters: int) -> tuple[np.ndarray, np.n
     if np.any(ends - starts > max_clusters):
         pieces = [
             (piece_start, min(piece_start + max_clusters, run_end))
-            for run_start, run_end in zip(starts.tolist(), ends.tolist())
+            for run_start, run_end in zip(starts.tolist(), ends.tolist(), strict=True)
             for piece_start in range(run_start, run_end, max_clusters)
         ]
-        starts, ends = (np.array(column, dtype=np.int64) for column in zip(*pieces))
+        starts, ends = (np.array(column, dtype=np.int64) for column in zip(*pieces, strict=True))
     return starts, ends
 
 
@@ -398,7 +427,7 @@ class PythonCore(Core):
 
     name = "python"
 
-    def _zero_map(self, view, cluster_size, out):
+    def _zero_map(self, view: memoryview, cluster_size: int, out: np.ndarray) -> None:
         data = np.frombuffer(view, dtype=np.uint8)
         if cluster_size % 8 == 0:
             data = data.view(np.uint64)  # 8 bytes per compare
@@ -406,7 +435,7 @@ class PythonCore(Core):
         # For unsigned words "max == 0" is "all zero", and numpy's max reduction is vectorised.
         np.equal(rows.max(axis=1), 0, out=out)
 
-    def _pread_full(self, fd, view, offset):
+    def _pread_full(self, fd: int, view: memoryview, offset: int) -> None:
         try:
             got = _pread_upto(fd, view, offset)
         except OSError as exc:
@@ -414,21 +443,20 @@ class PythonCore(Core):
         if got < len(view):
             _fill_zero(view[got:])  # past end-of-file reads as zeros
 
-    def _pwrite_full(self, fd, view, offset):
+    def _pwrite_full(self, fd: int, view: memoryview, offset: int) -> None:
         try:
-            _pwrite_upto_all(fd, view, offset)
+            _pwrite_all(fd, view, offset)
         except OSError as exc:
-            raise StorageError.from_oserror(exc, path=_fd_path(fd),
-                                            action=_pwrite_action(len(view), offset)) from exc
+            raise StorageError.from_oserror(exc, path=_fd_path(fd), action=_pwrite_action(len(view), offset)) from exc
 
-    def _pwrite_selected(self, fd, view, cluster_size, sel, host_offset):
+    def _pwrite_selected(self, fd: int, view: memoryview, cluster_size: int, sel: np.ndarray, host_offset: int) -> None:
         starts, ends = _selected_runs(sel, max(1, _MAX_IO // cluster_size))
         iov: list[memoryview] = []
         batch_bytes = 0
         offset = host_offset
         try:
-            for start, end in zip(starts.tolist(), ends.tolist()):
-                run = view[start * cluster_size:end * cluster_size]
+            for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+                run = view[start * cluster_size : end * cluster_size]
                 if len(iov) == _IOV_MAX or (iov and batch_bytes + len(run) > _MAX_IO):
                     _pwritev_full(fd, iov, offset)
                     offset += batch_bytes
@@ -440,25 +468,28 @@ class PythonCore(Core):
         except OSError as exc:
             count = int(np.count_nonzero(sel))
             raise StorageError.from_oserror(
-                exc, path=_fd_path(fd),
+                exc,
+                path=_fd_path(fd),
                 action=_pwrite_action(count * cluster_size, host_offset)
-                + f" ({count} selected clusters of {cluster_size} bytes)") from exc
+                + f" ({count} selected clusters of {cluster_size} bytes)",
+            ) from exc
 
-    def _copy_range(self, src_fd, src_offset, dst_fd, dst_offset, length):
+    def _copy_range(self, src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
         try:
             self._copy_range_os(src_fd, src_offset, dst_fd, dst_offset, length)
         except OSError as exc:
             raise StorageError.from_oserror(
-                exc, path=_fd_path(dst_fd),
-                action=_copy_action(src_fd, src_offset, dst_offset, length)) from exc
+                exc, path=_fd_path(dst_fd), action=_copy_action(src_fd, src_offset, dst_offset, length)
+            ) from exc
 
     @staticmethod
     def _copy_range_os(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
         done = 0
         while done < length:
             try:
-                copied = os.copy_file_range(src_fd, dst_fd, min(length - done, _MAX_IO),
-                                            src_offset + done, dst_offset + done)
+                copied = os.copy_file_range(
+                    src_fd, dst_fd, min(length - done, _MAX_IO), src_offset + done, dst_offset + done
+                )
             except OSError as exc:
                 if exc.errno not in _COPY_FALLBACK_ERRNOS:
                     raise
@@ -479,7 +510,7 @@ class PythonCore(Core):
             elif not bounce_zeroed:
                 _fill_zero(bounce)
                 bounce_zeroed = True
-            _pwrite_upto_all(dst_fd, bounce[:chunk], dst_offset + done)
+            _pwrite_all(dst_fd, bounce[:chunk], dst_offset + done)
             done += chunk
 
 
@@ -496,14 +527,17 @@ def _core_from_module(module: ModuleType) -> CCore | None:
         log.warning(
             "refusing stale compiled core %s: version stamp %s, expected %d; rebuild it with "
             "`pip install -e .` or `python native/build_copier.py`; using the pure-Python fallback",
-            getattr(module, "__file__", module), stamp, EXPECTED_VERSION)
+            getattr(module, "__file__", module),
+            stamp,
+            EXPECTED_VERSION,
+        )
         return None
     return CCore(module)
 
 
 def _load_c_core() -> CCore | None:
     try:
-        from vdisk import _copier
+        copier = importlib.import_module("vdisk._copier")
     except ModuleNotFoundError as exc:
         if exc.name != "vdisk._copier":
             raise
@@ -512,7 +546,7 @@ def _load_c_core() -> CCore | None:
     except ImportError as exc:
         log.warning("compiled core vdisk._copier failed to load (%s); using the pure-Python fallback", exc)
         return None
-    return _core_from_module(_copier)
+    return _core_from_module(copier)
 
 
 _PYTHON_CORE = PythonCore()
@@ -539,6 +573,17 @@ pwrite_selected = _CORE.pwrite_selected
 copy_range = _CORE.copy_range
 
 __all__ = [
-    "BACKEND", "BOUNCE_SIZE", "EXPECTED_VERSION", "CCore", "Core", "PythonCore", "copy_range", "implementations",
-    "is_zero", "pread_full", "pwrite_full", "pwrite_selected", "zero_map",
+    "BACKEND",
+    "BOUNCE_SIZE",
+    "EXPECTED_VERSION",
+    "CCore",
+    "Core",
+    "PythonCore",
+    "copy_range",
+    "implementations",
+    "is_zero",
+    "pread_full",
+    "pwrite_full",
+    "pwrite_selected",
+    "zero_map",
 ]

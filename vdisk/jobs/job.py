@@ -602,7 +602,7 @@ class Job:
         else:
             raise InvalidArgument(f"Parameter 'on-error' does not accept value '{on_error}'")
         events: list[Event] = []
-        if not self.is_internal:
+        if self.is_block_job and not self.is_internal:
             events.append(
                 Event("BLOCK_JOB_ERROR", {"device": self.id, "operation": "read" if is_read else "write",
                                           "action": action})

@@ -16,12 +16,13 @@ calls ``_prepare``: the chain stays as it was, and the clusters already copied a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 from vdisk.backend import Backend
 from vdisk.blockdev import BlockDevice
-from vdisk.errors import VdiskError
+from vdisk.errors import StorageError, VdiskError
 from vdisk.jobs.job import Event, Job, JobStatus, JobType
 from vdisk.jobs.stream import StreamCopier
 
@@ -50,6 +51,7 @@ class StreamJob(Job):
         on_error: str = "report",
         auto_finalize: bool = True,
         auto_dismiss: bool = True,
+        target: Backend | None = None,
     ):
         super().__init__(job_id, JobType.STREAM, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.server = server
@@ -57,7 +59,9 @@ class StreamJob(Job):
         self.base = base
         self.backing_file = backing_file
         self.on_error = on_error
-        self.copier = StreamCopier(device, base)
+        # Streaming into an intermediate node: the caller reopened it read-write; _clean reopens it read-only.
+        self.intermediate = target is not None and target is not device.top
+        self.copier = StreamCopier(device, base, target=target)
         self.wakeup = threading.Condition(server.job_lock)
         self.thread = threading.Thread(target=self._run, name=f"vdisk-job-{job_id}", daemon=True)
         self.progress_set_remaining(self.copier.length)
@@ -70,15 +74,21 @@ class StreamJob(Job):
     def _clean(self) -> None:
         self.device.cor_active = False
         self.device.cor_base = None
+        if self.intermediate:
+            self.device.reopen_node(self.copier.top, read_only=True)
         if self.device.job is self:
             self.device.job = None
 
     # --- control from QMP (caller holds the job lock) -------------------------------------------------
 
     def launch(self) -> None:
+        """Start the job (lock held).  QEMU starts it inside block-stream: 'running' precedes the reply, and a
+        cancel can never find a created job whose worker has not started yet."""
+        emit(self.server, self.start())
         self.device.job = self
-        self.device.cor_base = self.base
-        self.device.cor_active = True
+        if not self.intermediate:  # copy-on-read fills the active image only
+            self.device.cor_base = self.base
+            self.device.cor_active = True
         self.server.jobs[self.id] = self
         self.thread.start()
 
@@ -98,44 +108,53 @@ class StreamJob(Job):
 
     def _run(self) -> None:
         lock = self.server.job_lock
-        with lock:
-            emit(self.server, self.start())
+        copier = self.copier
         position = 0
+        # The first copy error, reported when the run ends even if on-error let the job go on (QEMU's
+        # stream_run): an ignored error must not drop the backing chain, whose data was not all copied.
         error: BaseException | None = None
         try:
-            while position < self.copier.length:
-                with lock:
-                    if not self._wait_to_copy():
-                        break
+            while True:
+                if position < copier.length:
+                    with lock:
+                        if not self._wait_to_copy():
+                            break
                 try:
-                    next_position = self.copier.step(position)
-                except VdiskError as exc:
-                    action = self._on_copy_error(exc)
-                    if action == "report":
-                        error = exc
+                    if position >= copier.length:
+                        copier.drain()  # the last chunk's write may still fail
                         break
+                    next_position = copier.step(position)
+                except VdiskError as exc:
+                    # A write error surfaces one step late: it names the chunk it happened in.
+                    failed = min(getattr(exc, "chunk_start", position), position)
+                    action = self._on_copy_error(exc)
                     if action == "stop":
-                        position = getattr(exc, "chunk_start", position)
+                        with lock:  # copy the failed chunk again (after block-job-resume)
+                            self.progress_current -= position - failed
+                        position = failed
                         continue
-                    next_position = min(self.copier.length, position + self.copier.chunk)
+                    if error is None:
+                        error = exc
+                    if action == "report" or position >= copier.length:
+                        break
+                    next_position = min(copier.length, position + copier.chunk)  # ignore: skip this chunk
                 with lock:
                     self.progress_update(next_position - position)
                     self.ratelimit_processed(time.monotonic(), next_position - position)
                 position = next_position
-            try:
-                self.copier.drain()
-            except VdiskError as exc:
-                if self._on_copy_error(exc) == "report":
-                    error = exc
         except Exception as exc:  # a bug must fail the job, not leave it running forever
             log.exception("stream job %s failed", self.id)
-            error = exc
+            error = error or exc
         finally:
-            self.copier.close()
+            try:
+                copier.close()
+            except Exception as exc:  # noqa: BLE001 - a cancelled job's last write failed: it is cancelled anyway
+                log.warning("stream job %s: %s", self.id, exc)
+                error = error or exc
             with lock:
                 if self.paused:
                     emit(self.server, self.leave_pause_point())
-                emit(self.server, self.complete_run(error))
+                emit(self.server, self.complete_run(_qemu_error(error)))
 
     def _wait_to_copy(self) -> bool:
         """Pause point and rate limit (lock held).  False when the job was cancelled."""
@@ -161,6 +180,13 @@ class StreamJob(Job):
             emit(self.server, events)
         log.warning("stream job %s: %s (action: %s)", self.id, exc, action)
         return action
+
+
+def _qemu_error(error: BaseException | None) -> BaseException | None:
+    """QEMU reports a block job's I/O error as strerror alone ("Input/output error"); the log has the detail."""
+    if isinstance(error, StorageError):
+        return OSError(error.errno, os.strerror(error.errno))
+    return error
 
 
 def cancel_all(server) -> None:

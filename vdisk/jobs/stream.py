@@ -42,13 +42,15 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 
 
-def find_base(device: BlockDevice, base: str | None = None, base_node: Backend | None = None) -> Backend | None:
-    """The node named by the user's ``base`` (a backing name as stored, or any path to the same file)."""
+def find_base(device: BlockDevice, base: str | None = None, base_node: Backend | None = None,
+              top: Backend | None = None) -> Backend | None:
+    """The node named by the user's ``base`` (a backing name as stored, or any path to the same file),
+    searched below ``top`` (the device's active image unless the stream goes into an intermediate node)."""
     if base_node is not None:
         return base_node
     if base is None:
         return None
-    nodes = device.nodes()
+    nodes = list(chain.nodes(top if top is not None else device.top))
     for above, node in zip(nodes, nodes[1:]):
         stored = getattr(above, "header", None) and above.header.backing_file
         if stored == base or os.path.abspath(base) == os.path.abspath(node.path) or _same_file(base, node.path):
@@ -80,12 +82,16 @@ def backing_name_for(top: Backend, base: Backend | None, above_base: Backend | N
 class StreamCopier:
     """Copies, chunk by chunk, what the chain above ``base`` holds into the device's active image."""
 
-    def __init__(self, device: BlockDevice, base: Backend | None, *, chunk: int = CHUNK):
-        top = device.top
+    def __init__(self, device: BlockDevice, base: Backend | None, *, chunk: int = CHUNK,
+                 target: Backend | None = None):
+        """``target``: the node to fill, the device's active image unless given (an intermediate node, which
+        the caller has reopened read-write: see ``BlockDevice.reopen_node``)."""
+        top = target if target is not None else device.top
         if not isinstance(top, Qcow2Image):
             raise DeviceNotActive(f"Device '{device.name}' is not a qcow2 image with a backing file")
         if top.read_only:
-            raise GenericError(f"Device '{device.name}' is read-only")
+            raise GenericError(f"Device '{device.name}' is read-only" if top is device.top
+                               else f"Node '{top.path}' is read-only")
         self.device = device
         self.top: Qcow2Image = top
         self.base = base
@@ -110,7 +116,12 @@ class StreamCopier:
             _mark(exc, position, is_read=True)
             self.drain()
             raise
-        self.drain()
+        try:
+            self.drain()
+        except BaseException:
+            # The previous chunk failed to write: this chunk is not copied, and its lock must not outlive it.
+            ranges.release(token)
+            raise
         self._pending = self._writer.submit(self._write, token, position, end, work)
         return end
 
@@ -129,7 +140,7 @@ class StreamCopier:
     def _read(self, start: int, end: int):
         top = self.top
         cs = top.cluster_size
-        wanted = self.device.copy_wanted(start, end, self.base)
+        wanted = self.device.copy_wanted(start, end, self.base, top)
         partial = self._partially_allocated(start, end)
         if not wanted.any() and not partial:
             return None
@@ -184,10 +195,10 @@ class StreamCopier:
             self.top.pwrite(whole, lo)
 
     def finish(self, backing_file: str | None = None) -> None:
-        """Make the base the active image's backing file (or none), durably and atomically."""
+        """Make the base the target's backing file (or none), durably and atomically."""
         self.drain()
         device, top, base = self.device, self.top, self.base
-        nodes = device.nodes()
+        nodes = list(chain.nodes(top))
         above_base = nodes[nodes.index(base) - 1] if base is not None else None
         name, base_format = backing_name_for(top, base, above_base)
         if backing_file is not None:

@@ -5,6 +5,11 @@ clusters, compressed extents, the snapshot table and what snapshots reference); 
 the stored refcounts.  stored < referenced is a corruption (a cluster could be handed out twice), stored >
 referenced a leak (space lost, data safe).  COPIED flags must match refcount == 1.
 Repair: ``leaks`` lowers leaked refcounts; ``all`` also raises too-low ones.  Vectorised with numpy.
+
+The order is QEMU's (``qcow2_check_refcounts``): refcounts are compared and repaired first, then COPIED flags
+are checked against the refcounts as repaired, and repaired with ``all``, or with ``leaks`` when nothing
+else is left wrong (fixing a flag changes no refcount).  A referenced cluster whose stored refcount is 0
+needs QEMU's full refcount rebuild: ``leaks`` then refuses to repair anything and reports a check error.
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
         for block_host in image._reftable.view.astype(np.uint64) & np.uint64(fmt.REFT_OFFSET_MASK):
             if block_host:
                 add_range(int(block_host), cs, "refcount block")
-        allocated = _count_l1(image, image._l1.view, add_range, result, check_copied=True)
+        allocated = _count_l1(image, image._l1.view, add_range, result, active=True)
         result.allocated_clusters = allocated
         if h.nb_snapshots:
             _count_snapshots(image, add_range, result)
@@ -122,10 +127,18 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
         result.image_end_offset = (int(used[-1]) + 1) * cs if used.size else cs
         result.total_clusters = -(-h.size // cs)
 
+        needs_rebuild = bool(np.count_nonzero(stored[low] == 0))
+        if repair == "leaks" and needs_rebuild:
+            result.check_errors += 1
+            result.messages.append("ERROR need to rebuild refcount structures")
+            repair = None
+        current = stored
         if repair:
             fix = list(high) + (list(low) if repair == "all" else [])
             for i in fix:
                 image._set_refcount(int(i), int(expected[i]))
+            current = stored.copy()
+            current[fix] = expected[fix]
             result.leaks_fixed = int(high.size)
             result.leaks -= int(high.size)
             if repair == "all":
@@ -133,13 +146,70 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
                 result.corruptions -= int(low.size)
             if fix:
                 image._free_hint = 0
-                image._fdatasync()
-                image._flush_metadata()
+        fix_copied = repair == "all" or (
+            repair == "leaks" and not (result.corruptions or result.leaks or result.check_errors)
+        )
+        _check_copied(image, current, result, fix_copied)
+        if repair:
+            image._fdatasync()
+            image._flush_metadata()
     return result
 
 
-def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult, *, check_copied: bool) -> int:
-    """Count the L2 tables and data clusters an L1 table references; returns guest clusters allocated."""
+def _check_copied(image: Qcow2Image, refcounts: np.ndarray, result: CheckResult, repair: bool) -> None:
+    """COPIED must be set exactly where the refcount is 1: L1 entries (L2 tables) and L2 entries (data)."""
+    bits = image.cluster_bits
+
+    def refcount_of(host: np.ndarray) -> np.ndarray:
+        clusters = (host >> np.uint64(bits)).astype(np.int64)
+        inside = clusters < len(refcounts)
+        return np.where(inside, refcounts[np.minimum(clusters, len(refcounts) - 1)], 0)
+
+    l1 = image._l1.view
+    for l1_index, entry in enumerate(l1.astype(np.uint64).tolist()):
+        l2_host = entry & fmt.L1E_OFFSET_MASK
+        if not l2_host or l2_host % image.cluster_size:
+            continue
+        refcount = int(refcount_of(np.array([l2_host], dtype=np.uint64))[0])
+        if bool(entry & fmt.OFLAG_COPIED) != (refcount == 1):
+            result.messages.append(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED L2 cluster: "
+                                   f"l1_index={l1_index} l1_entry={entry:x} refcount={refcount}")
+            if repair:
+                l1[l1_index] = entry | fmt.OFLAG_COPIED if refcount == 1 else entry & ~fmt.OFLAG_COPIED
+                image._l1_dirty = True
+                result.corruptions_fixed += 1
+            else:
+                result.corruptions += 1
+        try:
+            table = image._l2_table(l1_index)
+        except Exception:  # already counted as a check error by _count_l1
+            continue
+        if table is None:
+            continue
+        descs = table.view[0 :: image.l2_words].astype(np.uint64)
+        hosts = descs & np.uint64(fmt.L2E_OFFSET_MASK)
+        normal = ((descs & np.uint64(fmt.OFLAG_COMPRESSED)) == 0) & (hosts != 0)
+        normal &= (hosts % np.uint64(image.cluster_size)) == 0
+        copied = (descs & np.uint64(fmt.OFLAG_COPIED)) != 0
+        wrong = np.flatnonzero(normal & (copied != (refcount_of(hosts) == 1)))
+        for i in wrong.tolist():
+            desc = int(descs[i])
+            refcount = int(refcount_of(hosts[i : i + 1])[0])
+            result.messages.append(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data cluster: "
+                                   f"l2_entry={desc:x} refcount={refcount}")
+            if repair:
+                table.view[i * image.l2_words] = desc | fmt.OFLAG_COPIED if refcount == 1 else desc & ~fmt.OFLAG_COPIED
+                table.dirty = True
+                result.corruptions_fixed += 1
+            else:
+                result.corruptions += 1
+
+
+def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult, *, active: bool) -> int:
+    """Count the L2 tables and data clusters an L1 table references; returns guest clusters allocated.
+
+    ``active``: the image's own L1 table (its L2 tables go through the image's cache), not a snapshot's.
+    """
     cs = image.cluster_size
     allocated = 0
     for l1_index, entry in enumerate(l1.astype(np.uint64).tolist()):
@@ -151,11 +221,8 @@ def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult,
             result.messages.append(f"ERROR l1[{l1_index}] L2 offset {l2_host:#x} unaligned")
             continue
         add_range(l2_host, cs, "L2 table")
-        if check_copied and bool(entry & fmt.OFLAG_COPIED) != (image.refcount(l2_host >> image.cluster_bits) == 1):
-            result.corruptions += 1
-            result.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={entry:#x}")
         try:
-            table = image._l2_table(l1_index) if check_copied else image._load_l2(l2_host, l1_index)
+            table = image._l2_table(l1_index) if active else image._load_l2(l2_host, l1_index)
         except Exception as exc:  # a table we cannot even read is one check error, as in QEMU
             result.check_errors += 1
             result.messages.append(f"ERROR reading L2 table of l1[{l1_index}]: {exc}")
@@ -173,12 +240,6 @@ def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult,
         for desc in descs[compressed].tolist():
             host, length = fmt.compressed_extent(desc, image.cluster_bits)
             add_range(host, length, "compressed cluster")
-        if check_copied:
-            copied = (descs & np.uint64(fmt.OFLAG_COPIED)) != 0
-            for i in np.flatnonzero(normal & ~bad).tolist():
-                if bool(copied[i]) != (image.refcount(int(hosts[i]) >> image.cluster_bits) == 1):
-                    result.corruptions += 1
-                    result.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={int(descs[i]):#x}")
     return allocated
 
 
@@ -197,7 +258,7 @@ def _count_snapshots(image: Qcow2Image, add_range, result: CheckResult) -> None:
             continue
         add_range(l1_offset, l1_size * 8, "snapshot L1 table")
         l1 = np.frombuffer(image._pread(l1_size * 8, l1_offset), dtype=">u8")
-        _count_l1(image, l1, add_range, result, check_copied=False)
+        _count_l1(image, l1, add_range, result, active=False)
     add_range(start, offset - start, "snapshot table")
 
 

@@ -417,6 +417,12 @@ class Qcow2Image:
         """Create the refcount block for table slot rt_index, growing the table if needed."""
         if rt_index >= len(self._reftable.view):
             self._grow_reftable(rt_index + 1)
+            # Growing counts the new table's own clusters, which may have created this very block: a
+            # second block for the slot would replace it and lose those refcounts (the table would then
+            # be handed out again as free space and overwritten).
+            existing = self._refblock(rt_index)
+            if existing is not None:
+                return existing
         host = self._claim_end(1)
         block = RefcountBlock(host, bytearray(self.cluster_size), self.header.refcount_order)
         block.dirty = True
@@ -1004,6 +1010,11 @@ def _first_cluster(header: fmt.Header, backing_file: str | None, path: str) -> b
         header.backing_file_size = len(name)
         packed = header.pack()
     if len(packed) + len(name) > header.cluster_size:
+        if any(t == fmt.EXT_FEATURE_NAME_TABLE for t, _ in header.extensions):
+            # The feature name table (384 bytes) is optional, and 512-byte clusters have no room for it
+            # beside a backing name: leave it out, as qemu-img does for such images.
+            header.extensions = [(t, d) for t, d in header.extensions if t != fmt.EXT_FEATURE_NAME_TABLE]
+            return _first_cluster(header, backing_file, path)
         raise FormatError("header, extensions and backing name do not fit in the first cluster", path=path)
     return packed + name
 

@@ -16,7 +16,7 @@ from typing import Any
 import vdisk
 from vdisk import chain
 from vdisk.errors import DeviceInUse, DeviceNotActive, GenericError, InvalidArgument, VdiskError
-from vdisk.jobs.job import ON_ERROR_VALUES, JobStatus
+from vdisk.jobs.job import ON_ERROR_VALUES, JobStatus, validate_job_id
 from vdisk.jobs.runner import StreamJob, emit
 from vdisk.jobs.stream import find_base
 from vdisk.qcow2.image import Qcow2Image
@@ -215,15 +215,17 @@ def block_stream(server, device: str, job_id: str | None = None, base: str | Non
     if base is not None and base_node is not None:
         raise GenericError("'base' and 'base-node' cannot be specified at the same time")
     dev, node = find_device_or_node(server, device)
-    if node is not dev.top:
-        raise GenericError(f"Streaming into the intermediate node '{device}' is not supported; "
-                           f"stream into the active image of '{dev.name}'")
+    if node is not dev.top and job_id is None:
+        job_id = ""  # QEMU names a job after the device; a node that is not one has no name to lend
+    if job_id is not None:
+        validate_job_id(job_id)
+    below = list(chain.nodes(node))[1:]
     base_bs = None
     if base_node is not None:
-        base_dev, base_bs = find_device_or_node(server, base_node)
-        if base_dev is not dev or base_bs is dev.top:
+        _, base_bs = find_device_or_node(server, base_node)
+        if base_bs not in below:
             raise GenericError(f"Node '{base_node}' is not a backing image of '{device}'")
-    base_bs = find_base(dev, base, base_bs)
+    base_bs = find_base(dev, base, base_bs, top=node)
     if backing_file is not None and base_bs is None:
         raise GenericError("backing file specified, but streaming the entire chain")
     with server.job_lock:
@@ -232,14 +234,25 @@ def block_stream(server, device: str, job_id: str | None = None, base: str | Non
         job_id = job_id if job_id is not None else dev.name
         if job_id in server.jobs:
             raise GenericError(f"Job ID '{job_id}' already in use")
-        job = StreamJob(server, dev, job_id, base_bs, backing_file=backing_file, on_error=on_error,
-                        auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        target = None
+        if node is not dev.top:
+            # QEMU's stream into an intermediate image: it is writable for the job's life (bdrv_reopen).
+            target = dev.reopen_node(node, read_only=False)
+        try:
+            job = StreamJob(server, dev, job_id, base_bs, backing_file=backing_file, on_error=on_error,
+                            auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, target=target)
+        except BaseException:
+            if target is not None:
+                dev.reopen_node(target, read_only=True)
+            raise
         events = job.create()
         try:
             job.set_speed(speed)
         except VdiskError:
-            emit(server, events + job.early_fail())
             job.copier.close()
+            emit(server, events + job.early_fail())
+            if target is not None:
+                dev.reopen_node(target, read_only=True)
             raise
         emit(server, events)
         job.launch()

@@ -72,7 +72,8 @@ def _run(server, cmd: str, args: list[str]) -> str:
         if rest and _SPEED.match(rest[0]):
             speed, rest = parse_size(rest[0]), rest[1:]
         base = rest[0] if rest else None
-        commands.block_stream(server, device=device, base=base, speed=speed)
+        # QEMU's hmp_block_stream passes the device (or node) name as the job ID too
+        commands.block_stream(server, device=device, job_id=device, base=base, speed=speed)
         return ""
     if cmd == "block_job_set_speed":
         _need(args, 2, "block_job_set_speed device speed")

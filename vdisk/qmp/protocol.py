@@ -36,9 +36,10 @@ from QEMU 3.0 to 9.x; checked byte for byte against qemu-storage-daemon by tests
 Limits (QEMU's are 64 MiB / 2M tokens / 1024 levels; ours are configurable, default 1 MiB / 1024 levels):
 the size of one message is counted in bytes from its first byte to its last, whitespace inside included.
 When a message exceeds a limit the core reports it once, then *eats the rest of that message* (tracking
-strings and brace depth, storing nothing) and resyncs at its end; QEMU >= 10 recovers the same way, older
-QEMU cascaded one error per leftover token.  During that skip only a hard-reset byte (a control character
-other than TAB/CR/LF, or 0xFE/0xFF) ends the skip early.
+strings and brace depth, storing nothing) and resyncs at its end, as the newest json-streamer.c does ("during
+error recovery eat tokens until parentheses balance"); QEMU 3.0-9.x cascaded one error per leftover token.
+During that skip only a hard-reset byte (a control character other than TAB/CR/LF, or 0xFE/0xFF) ends it
+early.  Every other error (lexical or syntactic) behaves exactly as in QEMU 3.0-9.x.
 
 Request validation follows qapi/qmp-dispatch.c: the value must be an object; members are ``execute``
 (string), ``arguments`` (object), ``id`` (any value, echoed in the reply -- even ``null``), and

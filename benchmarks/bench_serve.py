@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -207,27 +206,32 @@ def rand_read(server: Server, uri: str, seconds: int) -> tuple[float, float]:
 
 
 def report(results: dict[str, dict[str, list[tuple[float, float]]]], baseline: str) -> str:
-    names = list(results)
-    others = [n for n in names if n != baseline]
-    head = f"{'workload':<31}{'unit':>6}" + "".join(f"{n:>16}" for n in [baseline, *others])
-    head += "".join(f"{'ratio ' + n:>22}" for n in others) + "   target"
-    lines = [head, "-" * len(head)]
-    for workload in ("seq_read", "seq_write", "rand_read"):
+    """Medians per server; ratios against ``baseline``; the target verdict is for the first other server."""
+    names = [baseline, *[n for n in results if n != baseline]]
+    others = names[1:]
+    width = max(12, *(len(n) + 2 for n in names))
+    rwidth = max(12, *(len(n) + 8 for n in others)) if others else 0
+    head = f"{'workload':<30}{'unit':>5}" + "".join(f"{n:>{width}}" for n in names)
+    head += "".join(f"{n + ' ratio':>{rwidth}}" for n in others) + "  target"
+    lines = [head, "-" * (len(head) + 12)]
+    workloads = [w for w in ("seq_read", "seq_write", "rand_read") if all(results[n][w] for n in names)]
+    for workload in workloads:
         med = {n: statistics.median(v for v, _ in results[n][workload]) for n in names}
-        row = f"{LABELS[workload]:<31}{UNITS[workload]:>6}" + "".join(f"{med[n]:>16,.0f}" for n in [baseline, *others])
-        row += "".join(f"{med[n] / med[baseline]:>21.2f}x" for n in others)
-        ratio = med[others[0]] / med[baseline] if others else 0
-        row += f"   >= {TARGETS[workload]:.1f}x {'met' if ratio >= TARGETS[workload] else 'MISSED'}"
+        row = f"{LABELS[workload]:<30}{UNITS[workload]:>5}" + "".join(f"{med[n]:>{width},.0f}" for n in names)
+        row += "".join(f"{med[n] / med[baseline]:>{rwidth - 1}.2f}x" for n in others)
+        if others:
+            ratio = med[others[0]] / med[baseline]
+            row += f"  >= {TARGETS[workload]:.1f}x {'met' if ratio >= TARGETS[workload] else 'MISSED'}"
         lines.append(row)
-    lines.append("")
-    lines.append(f"{'server CPU seconds per run':<37}" + "".join(f"{n:>16}" for n in [baseline, *others]))
-    for workload in ("seq_read", "seq_write", "rand_read"):
+    lines += ["", f"{'server CPU seconds (median)':<35}" + "".join(f"{n:>{width}}" for n in names)]
+    for workload in workloads:
         cpu = {n: statistics.median(c for _, c in results[n][workload]) for n in names}
-        lines.append(f"{LABELS[workload]:<37}" + "".join(f"{cpu[n]:>16.2f}" for n in [baseline, *others]))
+        lines.append(f"{LABELS[workload]:<35}" + "".join(f"{cpu[n]:>{width}.2f}" for n in names))
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, extra_servers: tuple[Server, ...] = ()) -> int:
+    """``extra_servers``: more servers to run side by side (experiments, e.g. a patched plugin)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="2G", help="virtual disk size (default 2G)")
     ap.add_argument("--write-size", default="1G", help="bytes written by the sequential write (default 1G)")
@@ -239,7 +243,7 @@ def main() -> int:
     ap.add_argument("--only", choices=["seq_read", "seq_write", "rand_read"], action="append",
                     help="run only these workloads (repeatable)")
     ap.add_argument("--json", help="also write the raw results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     workdir = Path(args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -251,8 +255,12 @@ def main() -> int:
     top = workdir / "top.qcow2"
     workloads = args.only or ["seq_read", "rand_read", "seq_write"]
 
+    load_before = os.getloadavg()[0]
     servers = [qemu_nbd_server(), vdisk_server()] + ([] if args.no_parallel else [vdisk_server("--parallel")])
-    results: dict[str, dict[str, list[tuple[float, float]]]] = {s.name: {w: [] for w in workloads} for s in servers}
+    servers += extra_servers
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {
+        s.name: {w: [] for w in ("seq_read", "seq_write", "rand_read")} for s in servers
+    }
     for rep in range(args.reps):
         order = servers[rep % len(servers):] + servers[: rep % len(servers)]
         for server in order:
@@ -276,13 +284,8 @@ def main() -> int:
 
     print()
     print(f"vdisk serve vs qemu-nbd: {size / GiB:g} GiB chain in {workdir}, {args.reps} repetitions (medians), "
-          f"{os.cpu_count()} CPUs")
-    if len(workloads) == 3:
-        print(report(results, "qemu-nbd"))
-    else:
-        for name, per in results.items():
-            for workload, values in per.items():
-                print(f"{name:<17} {workload:<10} {statistics.median(v for v, _ in values):>12,.0f}")
+          f"{os.cpu_count()} CPUs, 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(report(results, "qemu-nbd"))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -70,6 +70,8 @@ SEQ_REQUEST = 256 * 1024
 SEQ_DEPTH = 8
 RAND_REQUEST = 4096
 BIN = 0.1  # seconds per bin of the time series
+QUIET_BUSY = 0.35  # before a timed run, wait until other processes use less than this fraction of the CPUs
+QUIET_WAIT = 20.0  # ... but no longer than this (seconds); the busy fraction seen is recorded with the run
 TARGETS = {"vdisk/qsd": 0.5, "vdisk/cp": 1.5, "guest_read_fraction": 0.8, "max_wait_ms": 50.0}
 
 
@@ -128,6 +130,29 @@ def warm(workdir: Path) -> None:
         with open(workdir / name, "rb", buffering=0) as f:
             while f.read(16 << 20):
                 pass
+
+
+def cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``interval`` seconds (/proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+
+    total0, idle0 = sample()
+    time.sleep(interval)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(limit: float = QUIET_BUSY, max_wait: float = QUIET_WAIT) -> tuple[float, float]:
+    """Wait (at most ``max_wait`` s) until other work leaves the CPUs mostly idle; returns (busy, waited)."""
+    start = time.monotonic()
+    while True:
+        busy = cpu_busy()
+        waited = time.monotonic() - start
+        if busy < limit or waited > max_wait:
+            return busy, waited
 
 
 def prefault(nbytes: int = PREFAULT) -> float:
@@ -347,6 +372,7 @@ def timed_stream(server_cls, workdir: Path, kind: str, load_kind: str, check: bo
     warm(workdir)
     server = server_cls(image, workdir)
     result: dict = {"server": server_cls.name, "kind": kind, "load": load_kind}
+    result["busy_before"], result["quiet_wait_s"] = wait_quiet()
     try:
         server.start()
         result["prefault_s"] = prefault()
@@ -420,6 +446,7 @@ def verify(workdir: Path, image: Path, kind: str) -> dict:
 def timed_cp(workdir: Path, name: str) -> dict:
     src, dst = workdir / name, workdir / f"cp-{name}"
     warm(workdir)
+    busy, waited = wait_quiet()
     pf = prefault()
     t0 = time.monotonic()
     run("cp", src, dst)
@@ -432,7 +459,8 @@ def timed_cp(workdir: Path, name: str) -> dict:
     t2 = time.monotonic()
     dst.unlink()
     return {"server": "cp", "kind": "full" if name == "base.qcow2" else "base", "source": name,
-            "cp_s": t1 - t0, "cp_sync_s": t2 - t0, "bytes": src.stat().st_size, "prefault_s": pf}
+            "cp_s": t1 - t0, "cp_sync_s": t2 - t0, "bytes": src.stat().st_size, "prefault_s": pf,
+            "busy_before": busy, "quiet_wait_s": waited}
 
 
 # --- the whole benchmark ---------------------------------------------------------------------------------
@@ -568,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
                             d = r["during_ms"]
                             extra = f" p50 {d['p50']:.3f} p99 {d['p99']:.2f} max {d['max']:.1f} end {r['end_max_ms']:.1f} ms"
                         log(f"rep {rep} {kind:4} {load_kind:4} {s:5} {r['stream_s']:.2f} s{extra}"
-                            f" (prefault {r['prefault_s']:.1f} s){' ' + str(r['check']) if 'check' in r else ''}")
+                            f" (prefault {r['prefault_s']:.1f} s, busy {r['busy_before']:.0%})"
+                            f"{' ' + str(r['check']) if 'check' in r else ''}")
                 if kind in ("full", "base"):
                     r = timed_cp(workdir, "base.qcow2" if kind == "full" else "mid.qcow2")
                     r["rep"] = rep

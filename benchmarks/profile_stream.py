@@ -53,6 +53,11 @@ def timed(owner, attr: str, label: str) -> None:
 
 def instrument() -> None:
     timed(BlockDevice, "copy_wanted", "copy_wanted (allocation + block status)")
+    for name, label in (("resolve", "resolve (chain map of a chunk)"), ("_read_pieces", "_read_pieces (preads)")):
+        if hasattr(stream, name):
+            timed(stream, name, label)
+    timed(qimage.Qcow2Image, "map_units", "map_units")
+    timed(stream.StreamCopier, "_read", "_read (total)")
     timed(qimage.Qcow2Image, "read_backing", "read_backing (through the chain)")
     timed(qimage.Qcow2Image, "unallocated_clusters", "unallocated_clusters")
     timed(native, "zero_map", "zero_map (C)")
@@ -67,7 +72,7 @@ def instrument() -> None:
     timed(qimage.Qcow2Image, "_pwrite", "_pwrite (metadata writes)")
 
 
-def one(workdir: Path, kind: str, chunk: int) -> dict:
+def one(workdir: Path, kind: str, chunk: int, writeback: float | None = None) -> dict:
     image = workdir / "profile-run.qcow2"
     shutil.copyfile(workdir / "top.qcow2", image)
     with open(image, "rb+") as f:
@@ -82,6 +87,8 @@ def one(workdir: Path, kind: str, chunk: int) -> dict:
     COUNTS.clear()
     bench_stream.prefault()
     copier = stream.StreamCopier(device, base, chunk=chunk)
+    if writeback is not None:
+        copier.writeback_every = int(writeback * 2**20)
     t0 = time.perf_counter()
     position = 0
     while position < copier.length:
@@ -106,9 +113,10 @@ def main() -> int:
     p.add_argument("--kind", default="full", choices=["full", "base"])
     p.add_argument("--chunk", type=float, default=stream.CHUNK / 2**20, help="MiB")
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--writeback", type=float, default=None, help="MiB between writeback kicks (0: off)")
     args = p.parse_args()
     instrument()
-    results = [one(Path(args.workdir), args.kind, int(args.chunk * 2**20)) for _ in range(args.reps)]
+    results = [one(Path(args.workdir), args.kind, int(args.chunk * 2**20), args.writeback) for _ in range(args.reps)]
     for r in results:
         print(f"copy {r['copy_s']:.2f} s  finish {r['finish_s']:.2f} s (fdatasyncs {r['finish_fdatasync_s']:.2f} s)"
               f"  total {r['total_s']:.2f} s")

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Iterator
@@ -83,18 +84,19 @@ def qemu_map_runs(image: Path) -> list[tuple[int, int, int]]:
 
 def nbd_block_status(h: nbd.NBD, size: int = DISK_SIZE) -> list[tuple[int, int, int]]:
     extents: list[tuple[int, int, int]] = []
+    got: list[int] = []
+
+    def callback(context: str, _offset: int, entries: list[int], _err: object) -> int:
+        if context == nbd.CONTEXT_BASE_ALLOCATION:
+            got.extend(entries)
+        return 0
+
     offset = 0
     while offset < size:
-        got: list[int] = []
-
-        def callback(context: str, _offset: int, entries: list[int], _err: object) -> int:
-            if context == nbd.CONTEXT_BASE_ALLOCATION:
-                got.extend(entries)
-            return 0
-
+        got.clear()
         h.block_status(size - offset, offset, callback)
         assert got, f"no base:allocation extents at {offset}"
-        for length, flags in zip(got[::2], got[1::2]):
+        for length, flags in zip(got[::2], got[1::2], strict=True):
             length = min(length, size - offset)
             extents.append((offset, length, flags))
             offset += length
@@ -563,4 +565,21 @@ def test_sigterm_stops_the_server_while_a_client_stays_connected(chain4, tmp_pat
     model = bytearray(qemu_raw(chain4["C"], tmp_path / "c.raw"))
     model[2 * MiB + 7 : 2 * MiB + 7 + 100_000] = b"\x66" * 100_000
     assert qemu_raw(chain4["D"], tmp_path / "d.raw") == model
+    assert_clean(chain4["D"])
+
+
+def test_qmp_quit_answers_and_stops_the_server_while_a_client_stays_connected(chain4):
+    with serve(chain4["D"], qmp=True) as served:
+        h = connect(served)
+        h.pwrite(b"\x67" * 4096, 0)
+        with socket.socket(socket.AF_UNIX) as monitor:
+            monitor.connect(str(served.qmp))
+            stream = monitor.makefile("rw")
+            assert "QMP" in json.loads(stream.readline())
+            for command in ("qmp_capabilities", "quit"):
+                stream.write(json.dumps({"execute": command}) + "\n")
+                stream.flush()
+                assert json.loads(stream.readline()) == {"return": {}}
+
+        assert served.proc.wait(15) == 0
     assert_clean(chain4["D"])

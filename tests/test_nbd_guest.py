@@ -39,7 +39,7 @@ def test_booted_guest_writes_and_reads_back_through_vdisk_serve(chain4, tmp_path
     for offset, name, length in WRITES:
         model[offset : offset + length] = files[name]
     lines = ["set -e", 'echo "SIZE $(cat /sys/block/vda/size)"']
-    for offset, name, length in WRITES:
+    for offset, name, _ in WRITES:
         lines.append(f"dd if=/vdisk/files/{name} of=/dev/vda bs={BLOCK} seek={offset // BLOCK} conv=notrunc,fsync "
                      "2>/dev/null")
     lines += ["sync", "echo 3 > /proc/sys/vm/drop_caches"]

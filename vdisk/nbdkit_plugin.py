@@ -1,7 +1,8 @@
 """The nbdkit Python plugin (API_VERSION 2): a thin adapter from nbdkit's callbacks to ``vdisk.server``.
 
 nbdkit owns the NBD protocol; this module maps each callback onto the server's block device and each of our
-exceptions onto the errno nbdkit sends to the client.  Nothing else lives here.
+exceptions onto the errno nbdkit sends to the client.  The one other thing here is process plumbing that only
+nbdkit needs: stopping gracefully while clients stay attached (see "stopping with clients attached").
 """
 
 import errno
@@ -73,7 +74,7 @@ def get_ready():
 
 
 def after_fork():
-    _server.shutdown_hook = stop_serving
+    _server.shutdown_hook = _stop_from_monitor
     _server.start()
     if _stop_fd is not None:
         threading.Thread(target=_stop_when_closed, args=(_stop_fd,), name="vdisk-stop", daemon=True).start()
@@ -87,6 +88,18 @@ def after_fork():
 # (the write side stays open for that reply).  When the last connection ends nbdkit calls cleanup, which
 # flushes and closes the chain.  Requests a client pipelined but nbdkit had not read yet are not answered:
 # the client sees the connection close, as with qemu-nbd on SIGTERM.
+#
+# The monitor answers `quit` after the hook returns, while cleanup (once the last connection ends) closes
+# the monitor's connections: ending the NBD connections at once would race that answer.
+MONITOR_REPLY_GRACE = 0.2  # seconds
+
+
+def _stop_from_monitor() -> None:
+    """QMP quit: stop accepting now; end the client connections once the monitor has had time to answer."""
+    nbdkit.shutdown()
+    timer = threading.Timer(MONITOR_REPLY_GRACE, stop_serving)
+    timer.daemon = True
+    timer.start()
 
 
 def stop_serving() -> None:

@@ -40,6 +40,9 @@ from vdisk.qcow2.image import Qcow2Image
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: Start the kernel's writeback of the target every this many bytes copied (0: never), so that the
+#: fdatasync before the chain switch finds little left to write.
+WRITEBACK_EVERY = 32 << 20
 
 
 def find_base(device: BlockDevice, base: str | None = None, base_node: Backend | None = None,
@@ -103,6 +106,14 @@ class StreamCopier:
         self.before_populate: Callable[[int, int], None] | None = None
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vdisk-stream-write")
         self._pending: concurrent.futures.Future | None = None
+        # Two chunk buffers, reused: one being filled by the job thread, one being written by the writer.
+        # (A fresh 1 MiB bytearray per chunk costs a calloc and, once glibc hands it back, page faults.)
+        self._buffers = [bytearray(self.chunk), bytearray(self.chunk)]
+        self._pending_buffer: bytearray | None = None
+        self.writeback_every = WRITEBACK_EVERY
+        self._unsynced = 0
+        self._flusher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writeback: concurrent.futures.Future | None = None
 
     def step(self, position: int) -> int:
         """Copy the chunk at ``position``; returns the next position.  Errors of the previous chunk surface here."""
@@ -123,6 +134,7 @@ class StreamCopier:
             ranges.release(token)
             raise
         self._pending = self._writer.submit(self._write, token, position, end, work)
+        self._pending_buffer = work[4] if work is not None else None
         return end
 
     def drain(self) -> None:
@@ -136,23 +148,33 @@ class StreamCopier:
             self.drain()
         finally:
             self._writer.shutdown(wait=True)
+            if self._flusher is not None:
+                self._flusher.shutdown(wait=True)
 
     def _read(self, start: int, end: int):
         top = self.top
         cs = top.cluster_size
-        wanted = self.device.copy_wanted(start, end, self.base, top)
+        first = start // cs
+        count = -(-(end - start) // cs)
+        free = top.unallocated_clusters(first, count)
         partial = self._partially_allocated(start, end)
-        if not wanted.any() and not partial:
+        if not free.any() and not partial:
             return None
-        count = len(wanted)
-        buf = bytearray(count * cs)
-        view = memoryview(buf)
-        for run_start, run_stop in _runs(wanted):
-            lo = start + run_start * cs
-            hi = min(end, start + run_stop * cs)
-            top.read_backing(view[lo - start : hi - start], lo)
+        backing = top.backing
+        backing_end = min(end, backing.size) if backing is not None else start
+        pieces = resolve(backing, start, backing_end, self.base) if backing_end > start else []
+        held = np.zeros(count, dtype=bool)
+        for piece in pieces:
+            if piece.held:
+                held[(piece.start - start) // cs : -(-(piece.stop - start) // cs)] = True
+        wanted = free & held
+        whole = self._buffers[0] if self._buffers[0] is not self._pending_buffer else self._buffers[1]
+        buf = memoryview(whole)[: count * cs]
+        if wanted.any():
+            spans = [(start + a * cs, start + b * cs) for a, b in _runs(wanted)]
+            _read_pieces(buf, start, pieces, spans, min(end, backing_end) if backing_end > start else start)
         zero = native.zero_map(buf, cs)
-        return wanted, buf, zero, partial
+        return wanted, buf, zero, partial, whole
 
     def _partially_allocated(self, start: int, end: int) -> list[int]:
         """Clusters (extended L2) with some subclusters still reading from the backing chain."""
@@ -181,11 +203,14 @@ class StreamCopier:
     def _populate(self, start: int, end: int, work) -> None:
         if work is None:
             return
-        wanted, buf, zero, partial = work
+        wanted, buf, zero, partial, _ = work
         if self.before_populate is not None:
             self.before_populate(start, end)
         if wanted.any():
             self.top.populate(start, buf, wanted, zero)
+            self._unsynced += end - start
+            if self.writeback_every and self._unsynced >= self.writeback_every:
+                self._kick_writeback()
         cs = self.top.cluster_size
         for cluster in partial:
             # Copy-on-write of the whole cluster fills its unallocated subclusters from the chain.
@@ -193,6 +218,17 @@ class StreamCopier:
             whole = bytearray(min(cs, self.length - lo))
             self.top.pread(whole, lo)
             self.top.pwrite(whole, lo)
+
+    def _kick_writeback(self) -> None:
+        """Have the kernel start writing the target's dirty pages, in a helper thread: sync_file_range may
+        block while the disk's queue is full, and the copy must not wait for the disk (only finish does)."""
+        kick = self._writeback
+        if kick is not None and not kick.done():
+            return  # the previous kick is still queueing pages; this one would find nothing new
+        self._unsynced = 0
+        if self._flusher is None:
+            self._flusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vdisk-stream-writeback")
+        self._writeback = self._flusher.submit(_start_writeback, self.top.fd)
 
     def finish(self, backing_file: str | None = None) -> None:
         """Make the base the target's backing file (or none), durably and atomically."""
@@ -210,6 +246,115 @@ class StreamCopier:
             top.backing = base
         for node in dropped:
             node.close()
+
+
+# --- reading a chunk through the chain in one pass ----------------------------------------------------------
+
+
+class Piece:
+    """A run of guest bytes and where they come from: ``node``'s own ``kind`` run at ``host`` (DATA, ZERO,
+    COMPRESSED), or ``kind`` None with ``node`` the base (read through it) or None (reads as zeros).
+    ``held``: allocated above the base (what a stream copies)."""
+
+    __slots__ = ("start", "stop", "node", "kind", "host", "held")
+
+    def __init__(self, start, stop, node, kind, host, held):
+        self.start, self.stop, self.node, self.kind, self.host, self.held = start, stop, node, kind, host, held
+
+
+def resolve(node: Backend | None, start: int, stop: int, base: Backend | None) -> list[Piece]:
+    """Where each byte of [start, stop) comes from, below ``node`` and above ``base``.
+
+    One ``map_units`` call per node (over the span still unresolved), instead of one per run and per level
+    as a recursive read would make: a chain whose middle image holds scattered clusters splits a chunk
+    into many runs, and each ``map_units`` call costs tens of microseconds of numpy.
+    """
+    pieces: list[Piece] = []
+    todo = [(start, stop)]
+    while todo:
+        if node is None or node is base:
+            pieces.extend(Piece(a, b, node, None, 0, False) for a, b in todo)
+            break
+        size = node.size
+        inside = [(a, min(b, size)) for a, b in todo if a < size]
+        pieces.extend(Piece(max(a, size), b, None, None, 0, False) for a, b in todo if b > size)
+        if not inside:
+            break
+        runs_ = node.map_units(inside[0][0], inside[-1][1] - inside[0][0])
+        todo = []
+        i = 0
+        for a, b in inside:
+            while i < len(runs_) and runs_[i][0] + runs_[i][1] <= a:
+                i += 1
+            j = i
+            while j < len(runs_) and runs_[j][0] < b:
+                r_start, r_len, kind, host = runs_[j]
+                lo, hi = max(a, r_start), min(b, r_start + r_len)
+                if kind == fmt.KIND_UNALLOCATED:
+                    if todo and todo[-1][1] == lo:
+                        todo[-1] = (todo[-1][0], hi)
+                    else:
+                        todo.append((lo, hi))
+                else:
+                    if kind == fmt.KIND_DATA:
+                        host += lo - r_start
+                    pieces.append(Piece(lo, hi, node, kind, host, True))
+                j += 1
+        node = node.backing
+    pieces.sort(key=lambda p: p.start)
+    return pieces
+
+
+def _read_pieces(view: memoryview, chunk_start: int, pieces: list[Piece], spans: list[tuple[int, int]],
+                 chain_end: int) -> None:
+    """Fill the parts of ``view`` (guest ``chunk_start`` on) that ``spans`` name from the resolved pieces.
+
+    ``view`` is a reused buffer: whatever no data piece covers (zero runs, ranges past the chain's end
+    ``chain_end`` or past the end of the disk in the last cluster) is zero-filled.  Data runs of qcow2 images
+    are read at their host offsets directly; everything else (compressed clusters, raw files, the base)
+    through the node's own ``pread``.
+    """
+    i = 0
+    for a, b in spans:
+        cursor = a
+        while i < len(pieces) and pieces[i].stop <= a:
+            i += 1
+        j = i
+        while j < len(pieces) and pieces[j].start < b and pieces[j].start < chain_end:
+            p = pieces[j]
+            j += 1
+            lo, hi = max(a, p.start), min(b, p.stop)
+            if lo > cursor:
+                _zero_fill(view[cursor - chunk_start : lo - chunk_start])
+            cursor = hi
+            dst = view[lo - chunk_start : hi - chunk_start]
+            if p.node is None or p.kind == fmt.KIND_ZERO:
+                _zero_fill(dst)
+            elif p.kind == fmt.KIND_DATA and isinstance(p.node, Qcow2Image):
+                p.node._pread_into(dst, p.host + lo - p.start)
+            else:
+                p.node.pread(dst, lo)
+        if b > cursor:
+            _zero_fill(view[cursor - chunk_start : b - chunk_start])
+
+
+def _zero_fill(view: memoryview) -> None:
+    np.frombuffer(view, dtype=np.uint8)[:] = 0
+
+_SYNC_FILE_RANGE_WRITE = 2
+_libc = None
+
+
+def _start_writeback(fd: int) -> None:
+    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): queue the file's dirty pages for writing, no wait."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # advisory: an error here changes nothing
 
 
 def _mark(exc: BaseException, chunk_start: int, *, is_read: bool) -> None:

@@ -16,9 +16,16 @@ Crash ordering (a crash may leak clusters, never corrupt):
    ``_pending_free`` with their refcount still held, so they cannot be reused, until a flush has made the
    L2/L1 tables that no longer point at them durable.
 
-``flush()`` therefore runs: fdatasync (data) -> write refcount blocks and table -> fdatasync -> write L2 tables,
-then L1 -> fdatasync -> release pending frees (in memory; written by the next flush).  A table that points at
-a new table (refcount table -> block, L1 -> L2) is written after what it points to.
+``flush()`` therefore runs: fdatasync (data) -> write refcount blocks -> [fdatasync -> refcount table] ->
+fdatasync -> write L2 tables -> [fdatasync -> L1] -> fdatasync -> release pending frees (in memory; written by
+the next flush).  A table that points at a new table (refcount table -> block, L1 -> L2) is written only once
+what it points to is durable: a power loss must not keep the pointer and lose the table, whose cluster may
+hold a freed cluster's old bytes (the bracketed syncs run only when such a pointer changed).  A moved
+refcount table is different: the header points at it only after a further fdatasync.
+The data fdatasync runs without the lock, so a write may link fresh data (``_commit``) after it and before
+the metadata phase: ``_links`` counts links, and the metadata phase syncs again when it moved meanwhile
+(otherwise only a dirty refcount block's sync would cover that data before its L2 entry is written).
+(The power-loss tests in tests/test_powerloss.py replay every barrier of recorded runs against these rules.)
 
 Locking: ``self.lock`` (an RLock) covers every metadata structure: caches, L1, refcounts, the allocator and
 the pending frees.  Payload I/O runs outside it.  Two calls must not touch the same guest cluster at the same
@@ -38,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vdisk import faults, locking, native
+from vdisk import faults, iolog, locking, native
 from vdisk.errors import CorruptImage, FormatError, OutOfRange, ReadOnlyError, StorageError, UnsupportedFeature
 from vdisk.qcow2 import format as fmt
 from vdisk.qcow2.tables import RefcountBlock, Table, l2_units, runs
@@ -76,6 +83,7 @@ class Qcow2Image:
         self._l2_cache: collections.OrderedDict[int, Table] = collections.OrderedDict()
         self._refblock_cache: collections.OrderedDict[int, RefcountBlock] = collections.OrderedDict()
         self._pending_free: list[int] = []
+        self._links = 0  # L2 links made by _commit: flush() checks none came after its data fdatasync
         self._l1_dirty = False
         self._reftable_dirty = False
         self._reftable_moved: tuple[int, int] | None = None  # old table (offset, clusters) to free once durable
@@ -287,14 +295,17 @@ class Qcow2Image:
         if faults.ENABLED:
             faults.check(self.path, "write", offset, len(data))
         try:
-            native.pwrite_full(self.fd, data, offset)
+            if iolog.ENABLED:  # power-loss tests: record the write (see vdisk.iolog)
+                iolog.write(self.path, data, offset, lambda: native.pwrite_full(self.fd, data, offset))
+            else:
+                native.pwrite_full(self.fd, data, offset)
         except StorageError as exc:
             exc.path = self.path
             raise
 
     def _pwritev(self, buffers: list, offset: int) -> None:
-        if len(buffers) == 1:
-            self._pwrite(buffers[0], offset)
+        if len(buffers) == 1 or iolog.ENABLED:
+            self._pwrite(buffers[0] if len(buffers) == 1 else b"".join(buffers), offset)
             return
         total = sum(len(b) for b in buffers)
         if faults.ENABLED:
@@ -309,7 +320,10 @@ class Qcow2Image:
 
     def _fdatasync(self) -> None:
         try:
-            os.fdatasync(self.fd)
+            if iolog.ENABLED:
+                iolog.sync(self.path, lambda: os.fdatasync(self.fd))
+            else:
+                os.fdatasync(self.fd)
         except OSError as exc:
             raise StorageError.from_oserror(exc, path=self.path, action="fdatasync") from exc
 
@@ -742,6 +756,7 @@ class Qcow2Image:
     def _commit(self, updates: list[tuple[int, int, int]]) -> None:
         """Point L2 entries at their new descriptors; queue what they referenced before for release."""
         with self.lock:
+            self._links += 1
             for cluster, desc, bitmap in updates:
                 l1_index, l2_index = divmod(cluster, self.l2_entries)
                 table = self._l2_table_for_write(l1_index)
@@ -813,7 +828,11 @@ class Qcow2Image:
             if faults.ENABLED:
                 faults.check(self.path, "write", host, n_data * cs)
             try:
-                native.pwrite_selected(self.fd, buf, cs, as_data, host)
+                if iolog.ENABLED:
+                    packed = b"".join(memoryview(buf)[int(i) * cs : (int(i) + 1) * cs] for i in np.flatnonzero(as_data))
+                    self._pwrite(packed, host)
+                else:
+                    native.pwrite_selected(self.fd, buf, cs, as_data, host)
             except StorageError as exc:
                 exc.path = self.path
                 raise
@@ -926,12 +945,18 @@ class Qcow2Image:
         """Make every completed write durable, in crash-safe order (see the design notes)."""
         if self.read_only or self._closed:
             return
+        with self.lock:
+            links = self._links
         self._fdatasync()
         with self.lock:
-            self._flush_metadata()
+            self._flush_metadata(data_synced=self._links == links)
 
-    def _flush_metadata(self) -> None:
-        """Write dirty metadata in crash-safe order.  Caller holds self.lock; data was synced before."""
+    def _flush_metadata(self, data_synced: bool = True) -> None:
+        """Write dirty metadata in crash-safe order.  Caller holds self.lock.
+
+        ``data_synced``: every write linked so far had its data made durable by an fdatasync before this call
+        (False: ``flush()`` saw a link after its data fdatasync; it is synced again before L2 tables go out).
+        """
         to_release = self._pending_free
         self._pending_free = []
         dirty_blocks = [b for b in self._refblock_cache.values() if b.dirty]
@@ -939,8 +964,11 @@ class Qcow2Image:
             for block in dirty_blocks:
                 self._pwrite(block.data, block.host_offset)
             if self._reftable_dirty:
+                if self._reftable_moved is None and dirty_blocks:
+                    self._fdatasync()  # new blocks durable before the table entries that point at them
                 self._pwrite(self._reftable.data, self._reftable.host_offset)
             self._fdatasync()
+            data_synced = True
             for block in dirty_blocks:
                 block.dirty = False
             if self._reftable_dirty and self._reftable_moved is not None:
@@ -959,9 +987,13 @@ class Qcow2Image:
             self._reftable_dirty = False
         dirty_l2 = [t for t in self._l2_cache.values() if t.dirty]
         if dirty_l2 or self._l1_dirty:
+            if not data_synced:
+                self._fdatasync()  # data linked after flush()'s data fdatasync
             for table in dirty_l2:
                 self._pwrite(table.data, table.host_offset)
             if self._l1_dirty:
+                if dirty_l2:
+                    self._fdatasync()  # new L2 tables durable before the L1 entries that point at them
                 self._pwrite(self._l1.data, self._l1.host_offset)
             self._fdatasync()
             for table in dirty_l2:

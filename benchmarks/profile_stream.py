@@ -90,18 +90,20 @@ def one(workdir: Path, kind: str, chunk: int, writeback: float | None = None) ->
     if writeback is not None:
         copier.writeback_every = int(writeback * 2**20)
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     position = 0
     while position < copier.length:
         position = copier.step(position)
     copier.drain()
     t1 = time.perf_counter()
+    cpu1 = time.process_time()
     fdatasync_before = TIMES[("job", "fdatasync")]
     copier.finish()
     t2 = time.perf_counter()
     copier.close()
     device.close()
     image.unlink()
-    out = {"copy_s": t1 - t0, "finish_s": t2 - t1, "total_s": t2 - t0,
+    out = {"copy_s": t1 - t0, "copy_cpu_s": cpu1 - cpu0, "finish_s": t2 - t1, "total_s": t2 - t0,
            "finish_fdatasync_s": TIMES[("job", "fdatasync")] - fdatasync_before}
     out["phases"] = {f"{role}: {label}": (secs, COUNTS[(role, label)]) for (role, label), secs in TIMES.items()}
     return out
@@ -113,12 +115,15 @@ def main() -> int:
     p.add_argument("--kind", default="full", choices=["full", "base"])
     p.add_argument("--chunk", type=float, default=stream.CHUNK / 2**20, help="MiB")
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
     p.add_argument("--writeback", type=float, default=None, help="MiB between writeback kicks (0: off)")
     args = p.parse_args()
     instrument()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     results = [one(Path(args.workdir), args.kind, int(args.chunk * 2**20), args.writeback) for _ in range(args.reps)]
     for r in results:
-        print(f"copy {r['copy_s']:.2f} s  finish {r['finish_s']:.2f} s (fdatasyncs {r['finish_fdatasync_s']:.2f} s)"
+        print(f"copy {r['copy_s']:.2f} s (cpu {r['copy_cpu_s']:.2f} s)  finish {r['finish_s']:.2f} s (fdatasyncs {r['finish_fdatasync_s']:.2f} s)"
               f"  total {r['total_s']:.2f} s")
     print(f"median total {statistics.median(r['total_s'] for r in results):.2f} s")
     last = results[-1]

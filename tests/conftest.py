@@ -174,7 +174,7 @@ class QmpSession:
                 raise AssertionError(f"no {name} {data} within {timeout} s; events: {self.sequence()}")
             try:
                 self.events.append(dict(await asyncio.wait_for(self._listener.get(), remaining)))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def wait_status(self, job_id: str, status: str, timeout: float = 30) -> dict:

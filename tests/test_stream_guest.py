@@ -21,14 +21,24 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import (
+    ROOT,
+    VDISK,
+    assert_clean,
+    chain_info,
+    qemu_raw,
+    qmp_session,
+    run,
+    run_async,
+    serve,
+)
 
-from conftest import VDISK, ROOT, assert_clean, chain_info, qemu_raw, qmp_session, run, run_async, serve
 from vdisk.guest import GuestArtifacts, ensure_guest_artifacts, start_guest
 
 pytestmark = pytest.mark.timeout(300)
 
 MiB = 1 << 20
-DISK = 32 * MiB
+DISK = 16 * MiB
 BLOCK = 4096
 
 GUEST_SCRIPT = f"""
@@ -64,15 +74,15 @@ def artifacts() -> GuestArtifacts:
 
 
 def document_chain(directory: Path) -> Path:
-    """The document's [A] <- [B] <- [C] <- [D] <- [E], 32 MiB, as file-A.img ... file-E.img (qcow2)."""
-    run("qemu-img", "create", "-q", "-f", "qcow2", directory / "file-A.img", "32M")
-    run("qemu-io", "-c", "write -P 0xa1 0 24M", directory / "file-A.img")
+    """The document's [A] <- [B] <- [C] <- [D] <- [E], 16 MiB, as file-A.img ... file-E.img (qcow2)."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", directory / "file-A.img", "16M")
+    run("qemu-io", "-c", "write -P 0xa1 0 12M", directory / "file-A.img")
     previous = "file-A.img"
     for i, name in enumerate("BCDE"):
         path = directory / f"file-{name}.img"
         run("qemu-img", "create", "-q", "-f", "qcow2", "-b", previous, "-F", "qcow2", path)
         if name != "E":
-            run("qemu-io", "-c", f"write -P {0xb2 + i} {(4 + 6 * i)}M 3M", "-c", f"write -z {(8 + 6 * i)}M 64k", path)
+            run("qemu-io", "-c", f"write -P {0xb2 + i} {2 + 4 * i}M 2M", "-c", f"write -z {4 + 4 * i}M 64k", path)
         previous = path.name
     return directory / "file-E.img"
 
@@ -152,10 +162,10 @@ def test_guest_writes_during_block_stream_virtio0_file_a_img(artifacts, tmp_path
         guest.send_line("stop")
         await asyncio.to_thread(guest.wait_for, r"^READ-DONE$", 180)
 
-    with serve(top, "--device", "virtio0", qmp=True) as served:
-        with start_guest(f"nbd:unix:{served.socket}", GUEST_SCRIPT, artifacts=artifacts) as guest:
-            run_async(host(served, guest), timeout=280)
-            result = guest.finish(timeout=120)
+    with serve(top, "--device", "virtio0", qmp=True) as served, \
+            start_guest(f"nbd:unix:{served.socket}", GUEST_SCRIPT, artifacts=artifacts) as guest:
+        run_async(host(served, guest), timeout=280)
+        result = guest.finish(timeout=120)
     assert result.rc == 0, result.console[-3000:]
     assert [i.get("backing-filename") for i in chain_info(top)] == [None]
     writes = GuestWrites(result.output)
@@ -197,10 +207,10 @@ def test_live_block_copy_under_a_writing_guest_then_the_old_files_go(artifacts, 
         guest.send_line("stop")
         await asyncio.to_thread(guest.wait_for, r"^READ-DONE$", 180)
 
-    with serve(top, "--device", "ide0-hd0", qmp=True) as served:
-        with start_guest(f"nbd:unix:{served.socket}", GUEST_SCRIPT, artifacts=artifacts) as guest:
-            run_async(host(served, guest), timeout=280)
-            result = guest.finish(timeout=120)
+    with serve(top, "--device", "ide0-hd0", qmp=True) as served, \
+            start_guest(f"nbd:unix:{served.socket}", GUEST_SCRIPT, artifacts=artifacts) as guest:
+        run_async(host(served, guest), timeout=280)
+        result = guest.finish(timeout=120)
     assert result.rc == 0, result.console[-3000:]
 
     # the old files can be deleted: the disk lives at the new path, standing alone

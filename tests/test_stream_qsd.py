@@ -24,7 +24,6 @@ from pathlib import Path
 
 import nbd
 import pytest
-
 from conftest import chain_info, qemu_map, qemu_raw, qmp_session, run, run_async, serve
 
 QSD = shutil.which("qemu-storage-daemon")
@@ -119,15 +118,14 @@ def run_both(tmp_path: Path, conversation) -> dict[str, tuple]:
     out = {}
     with both(tmp_path) as servers:
         for name, image, qmp_path, uri in servers:
-            async def session():
+            async def session(qmp_path=qmp_path, uri=uri):
                 async with qmp_session(qmp_path) as qmp:
                     return await conversation(qmp, uri)
             out[name] = [run_async(session(), timeout=60), image]
     return {name: (result, digest_of(image, tmp_path / f"{name}.raw")) for name, (result, image) in out.items()}
 
 
-@pytest.mark.parametrize(("base", "backing_file"), [(None, None), ("A.qcow2", None), ("B.qcow2", None),
-                                                     ("A.qcow2", "A.qcow2")])
+@pytest.mark.parametrize(("base", "backing_file"), [(None, None), ("B.qcow2", None), ("A.qcow2", "A.qcow2")])
 def test_stream_events_chain_and_data_agree(tmp_path, base, backing_file):
     async def conversation(qmp, uri):
         args = {"device": "drive0", "job-id": "job0"}

@@ -130,8 +130,13 @@ def cmd_map(args: argparse.Namespace) -> int:
         print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
         for e in extents:
             if e.data and e.offset is not None:
-                print(f"{e.start:<#16x}{e.length:<#16x}{e.offset:<#16x}{names.get(id(e), '')}")
+                print(f"{_c_hex(e.start):<16}{_c_hex(e.length):<16}{_c_hex(e.offset):<16}{names.get(id(e), '')}")
     return 0
+
+
+def _c_hex(n: int) -> str:
+    """C's %#x, which qemu-img map prints: no 0x prefix on zero ("0", not "0x0")."""
+    return f"{n:#x}" if n else "0"
 
 
 def _map_json_line(entry: dict) -> str:

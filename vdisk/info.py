@@ -61,7 +61,11 @@ def render_info(info: dict) -> str:
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
-        lines.append(f"backing file: {info['backing-filename']}")
+        backing_line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is not None and full != info["backing-filename"]:
+            backing_line += f" (actual path: {full})"  # qemu-img's wording when the two differ
+        lines.append(backing_line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     if "format-specific" in info:

@@ -62,6 +62,12 @@ class Recording:
                 units, writes = [], 0
         self.epochs.append(Epoch(len(self.epochs) - 1, units, frozenset(durable), writes))
 
+    def epochs_writing(self, offset: int, length: int, around: int = 1) -> list[int]:
+        """Indexes of the epochs with a write into [offset, offset+length) of the file, and ``around`` each side."""
+        hit = {i for i, e in enumerate(self.epochs) if any(o < offset + length and offset < o + len(d)
+                                                            for o, d in e.units)}
+        return sorted({j for i in hit for j in range(i - around, i + around + 1) if 0 <= j < len(self.epochs)})
+
     @property
     def syncs(self) -> int:
         return len(self.epochs) - 1
@@ -70,23 +76,30 @@ class Recording:
     def writes(self) -> int:
         return sum(e.writes for e in self.epochs)
 
-    def states(self, initial: bytes, rng: random.Random, *, subsets: int = 2,
+    def states(self, initial: bytes, rng: random.Random, *, subsets: int = 2, singles: int = 0,
                epochs: list[int] | None = None) -> Iterator[tuple[Epoch, str, bytearray]]:
         """(epoch, subset description, file content) for the power-loss states of the chosen epochs.
 
-        For each epoch: nothing of it, all of it, and ``subsets`` random subsets of its units (half of the
-        first one of them holds exactly one unit: the smallest step past the barrier).
+        For each epoch: nothing of it, all of it, ``subsets`` random subsets of its units (half of the first
+        one of them holds exactly one unit: the smallest step past the barrier), and for epochs of at most
+        ``singles`` units each unit alone: a pointer that reached the disk without what it points to shows up
+        there for certain (metadata phases have a few units; bulk data, whose units alone prove little, many).
         """
         wanted = set(range(len(self.epochs)) if epochs is None else epochs)
         base = bytearray(initial)
         for number, epoch in enumerate(self.epochs):
             if number in wanted:
-                n = len(epoch.units)
+                units = _effective(base, epoch.units)
+                n = len(units)
                 # "none" is the previous epoch's "all": only needed when that one is not replayed.
                 choices: list[tuple[str, list[int]]] = [("none", [])] if number - 1 not in wanted else []
                 if n:
                     choices.append(("all", list(range(n))))
                 seen = {(), tuple(range(n))}
+                if 1 < n <= singles:
+                    for i in range(n):
+                        seen.add((i,))
+                        choices.append((f"unit {i} alone of {n}", [i]))
                 for s in range(subsets if n > 1 else 0):
                     if s == 0 and rng.random() < 0.5:
                         pick = [rng.randrange(n)]
@@ -98,10 +111,26 @@ class Recording:
                 for text, pick in choices:
                     image = bytearray(base)
                     for i in pick:
-                        _apply(image, *epoch.units[i])
+                        _apply(image, *units[i])
                     yield epoch, text, image
             for unit in epoch.units:
                 _apply(base, *unit)
+
+
+def _effective(base: bytearray, units: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The units that matter: one that rewrites bytes the file already holds, and that no other unit of the
+    epoch overlaps, leaves the same file whether it lands or not (a table write changes a sector or two)."""
+    order = sorted(range(len(units)), key=lambda i: units[i][0])
+    shared: set[int] = set()
+    active: list[tuple[int, int]] = []  # (end, index) of the units the sweep is inside
+    for i in order:
+        offset, data = units[i]
+        active = [(end, j) for end, j in active if end > offset]
+        for _, j in active:
+            shared.update((i, j))
+        active.append((offset + len(data), i))
+    return [(offset, data) for i, (offset, data) in enumerate(units)
+            if i in shared or bytes(base[offset : offset + len(data)]) != data]
 
 
 def _sectors(offset: int, data: bytes) -> Iterator[tuple[int, bytes]]:

@@ -124,6 +124,7 @@ class StreamJob(Job):
                         copier.drain()  # the last chunk's write may still fail
                         break
                     next_position = copier.step(position)
+                    copied = copier.last_copied
                 except VdiskError as exc:
                     # A write error surfaces one step late: it names the chunk it happened in.
                     failed = min(getattr(exc, "chunk_start", position), position)
@@ -138,9 +139,10 @@ class StreamJob(Job):
                     if action == "report" or position >= copier.length:
                         break
                     next_position = min(copier.length, position + copier.chunk)  # ignore: skip this chunk
+                    copied = next_position - position
                 with lock:
                     self.progress_update(next_position - position)
-                    self.ratelimit_processed(time.monotonic(), next_position - position)
+                    self.ratelimit_processed(time.monotonic(), copied)
                 position = next_position
         except Exception as exc:  # a bug must fail the job, not leave it running forever
             log.exception("stream job %s failed", self.id)

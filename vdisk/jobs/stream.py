@@ -39,7 +39,7 @@ from vdisk.qcow2.image import Qcow2Image
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20
 #: Start the kernel's writeback of the target every this many bytes copied (0: never), so that the
 #: fdatasync before the chain switch finds little left to write.
 WRITEBACK_EVERY = 32 << 20
@@ -106,6 +106,7 @@ class StreamCopier:
         self.before_populate: Callable[[int, int], None] | None = None
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vdisk-stream-write")
         self._pending: concurrent.futures.Future | None = None
+        self.last_copied = 0  # bytes the last step copied (wanted clusters), for the rate limit
         # Two chunk buffers, reused: one being filled by the job thread, one being written by the writer.
         # (A fresh 1 MiB bytearray per chunk costs a calloc and, once glibc hands it back, page faults.)
         self._buffers = [bytearray(self.chunk), bytearray(self.chunk)]
@@ -134,6 +135,8 @@ class StreamCopier:
             ranges.release(token)
             raise
         self._pending = self._writer.submit(self._write, token, position, end, work)
+        # what the rate limit counts (QEMU's stream_run: only ranges it copies, not the ones it skips)
+        self.last_copied = 0 if work is None else int(np.count_nonzero(work[0])) * self.top.cluster_size
         self._pending_buffer = work[4] if work is not None else None
         return end
 

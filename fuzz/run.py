@@ -1,0 +1,71 @@
+"""atheris (libFuzzer for Python) harness for the targets in ``fuzz/targets.py``.
+
+    python -m fuzz.run TARGET [libFuzzer options] [corpus dirs...]
+
+TARGET is one of qmp_framing, qmp_arguments, qcow2_header, qcow2_image, qcow2_image_rw.  The Makefile's
+``fuzz-deep`` target runs each one for a while with a scratch corpus seeded from ``fuzz/corpus/<target>/``
+(``fuzz/corpus/qcow2_image/`` for both image targets), ``-rss_limit_mb`` for memory and ``-timeout`` for hangs.
+
+An input also fails if it takes more than ``FUZZ_INPUT_CPU_SECONDS`` (default 2) of CPU: the bound CI checks on
+uninstrumented code is 1 s per open+read of a small image, and coverage instrumentation slows Python down.
+A failing input is written by libFuzzer as ``crash-*``/``timeout-*``/``oom-*``; keep it under
+``fuzz/regressions/<target>/`` with the fix, and ``tests/test_fuzz_parsers.py`` replays it in CI.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports(include=["vdisk", "fuzz"]):
+    from fuzz import targets
+
+HERE = Path(__file__).resolve().parent
+CPU_LIMIT = float(os.environ.get("FUZZ_INPUT_CPU_SECONDS", "2"))
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
+        sys.exit(f"usage: python -m fuzz.run {{{','.join(TARGETS)}}} [libFuzzer options] [corpus dirs]")
+    name = sys.argv.pop(1)
+    logging.getLogger("vdisk").setLevel(logging.ERROR)  # the dirty-bit repair warns on every such input
+    one_input = TARGETS[name]()
+
+    def test_one_input(data: bytes) -> None:
+        start = time.process_time()
+        one_input(data)
+        spent = time.process_time() - start
+        if spent > CPU_LIMIT:
+            raise AssertionError(f"{name}: one input took {spent:.2f} s of CPU (limit {CPU_LIMIT} s)")
+
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
+
+
+def _image_target(write: bool):
+    def make():
+        base = (HERE / "corpus" / "qcow2_image" / "v3-512.qcow2").read_bytes()
+        workdir = targets.ImageWorkdir(base)
+        atexit.register(workdir.cleanup)
+        return lambda data: targets.qcow2_image(data, workdir, write=write)
+
+    return make
+
+
+TARGETS = {
+    "qmp_framing": lambda: targets.qmp_framing,
+    "qmp_arguments": lambda: targets.qmp_arguments,
+    "qcow2_header": lambda: targets.qcow2_header,
+    "qcow2_image": _image_target(write=False),
+    "qcow2_image_rw": _image_target(write=True),
+}
+
+
+if __name__ == "__main__":
+    main()

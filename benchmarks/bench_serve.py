@@ -36,12 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
 CLUSTER = 64 * 1024
+NBDCOPY_REQUEST = 256 * 1024  # nbdcopy's default --request-size
 TICK = os.sysconf("SC_CLK_TCK")
 
 # vdisk / qemu-nbd targets from the issue: (workload, minimum ratio)
 TARGETS = {"seq_read": 1.0, "seq_write": 0.9, "rand_read": 0.7}
 UNITS = {"seq_read": "MB/s", "seq_write": "MB/s", "rand_read": "IOPS"}
-LABELS = {"seq_read": "sequential read, whole disk", "seq_write": "sequential write, 1 GiB",
+LABELS = {"seq_read": "sequential read, whole disk", "seq_write": "sequential write",
           "rand_read": "4 KiB random read, QD16"}
 
 
@@ -205,8 +206,12 @@ def rand_read(server: Server, uri: str, seconds: int) -> tuple[float, float]:
 # --- report ---------------------------------------------------------------------------------------------------
 
 
-def report(results: dict[str, dict[str, list[tuple[float, float]]]], baseline: str) -> str:
-    """Medians per server; ratios against ``baseline``; the target verdict is for the first other server."""
+def report(results: dict[str, dict[str, list[tuple[float, float]]]], baseline: str,
+           requests: dict[str, float] | None = None) -> str:
+    """Medians per server; ratios against ``baseline``; the target verdict is for the first other server.
+
+    ``requests``: NBD requests per run of each workload (random reads: per second), to show CPU per request.
+    """
     names = [baseline, *[n for n in results if n != baseline]]
     others = names[1:]
     width = max(12, *(len(n) + 2 for n in names))
@@ -227,6 +232,15 @@ def report(results: dict[str, dict[str, list[tuple[float, float]]]], baseline: s
     for workload in workloads:
         cpu = {n: statistics.median(c for _, c in results[n][workload]) for n in names}
         lines.append(f"{LABELS[workload]:<35}" + "".join(f"{cpu[n]:>{width}.2f}" for n in names))
+    if requests:
+        lines += ["", f"{'server CPU microseconds per request':<35}" + "".join(f"{n:>{width}}" for n in names)]
+        for workload in workloads:
+            per = {}
+            for n in names:
+                runs = results[n][workload]
+                count = [requests[workload] * (v if workload == "rand_read" else 1) for v, _ in runs]
+                per[n] = statistics.median(c / k * 1e6 for (_, c), k in zip(runs, count, strict=True))
+            lines.append(f"{LABELS[workload]:<35}" + "".join(f"{per[n]:>{width}.0f}" for n in names))
     return "\n".join(lines)
 
 
@@ -283,9 +297,13 @@ def main(argv: list[str] | None = None, extra_servers: tuple[Server, ...] = ()) 
     top.unlink(missing_ok=True)
 
     print()
-    print(f"vdisk serve vs qemu-nbd: {size / GiB:g} GiB chain in {workdir}, {args.reps} repetitions (medians), "
+    print(f"vdisk serve vs qemu-nbd: {size / GiB:g} GiB chain in {workdir}, {write_size / GiB:g} GiB written, "
+          f"{args.randread_seconds} s of random reads, {args.reps} repetitions (medians), "
           f"{os.cpu_count()} CPUs, 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(report(results, "qemu-nbd"))
+    # nbdcopy's requests are 256 KiB (its default --request-size); fio's are 4 KiB, IOPS x seconds of them.
+    requests = {"seq_read": size / NBDCOPY_REQUEST, "seq_write": write_size / NBDCOPY_REQUEST,
+                "rand_read": args.randread_seconds}
+    print(report(results, "qemu-nbd", requests))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

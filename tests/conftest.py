@@ -250,3 +250,16 @@ def file_digest(path: Path | str) -> str:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def vdisk_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``vdisk ARGS`` run in this process (no interpreter start-up): exit code and captured output.
+
+    An exception that escapes ``cli.main`` (what would be a traceback) fails the calling test.
+    """
+    from vdisk import cli
+
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["vdisk", *args], code, captured.out, captured.err)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, qemu_img_check, run, vdisk
+from conftest import assert_clean, qemu_img_check, run, vdisk, vdisk_main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,6 +21,19 @@ KiB = 1024
 MiB = 1024 * KiB
 INFO_KEYS = ("virtual-size", "format", "cluster-size", "backing-filename", "backing-filename-format",
              "full-backing-filename", "format-specific", "dirty-flag")
+
+
+@pytest.fixture
+def vd(capsys):
+    """``vdisk`` in this process (fast); the few tests that must see a real process use ``vdisk``."""
+
+    def call(*args: str, check: bool = True):
+        proc = vdisk_main(capsys, *args)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"vdisk {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return call
 
 
 def qemu_info(path: Path) -> dict:
@@ -69,12 +82,12 @@ def bases(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", CREATE_CASES, ids=list(CREATE_CASES))
-def test_vdisk_create_makes_what_qemu_img_create_makes(case: str, bases: Path):
+def test_vdisk_create_makes_what_qemu_img_create_makes(case: str, bases: Path, vd):
     """Same options to both tools: qemu-img info reports the same image, and it is clean and reads the same."""
     options, size = CREATE_CASES[case]
     ours, theirs = bases / "ours.qcow2", bases / "theirs.qcow2"
     size_arg = [size] if size else []
-    proc = vdisk("create", "-f", "qcow2", *options, str(ours), *size_arg)
+    proc = vd("create", "-f", "qcow2", *options, str(ours), *size_arg)
     assert proc.stdout.startswith(f"Formatting '{ours}'")
     run("qemu-img", "create", "-q", "-f", "qcow2", *options, theirs, *size_arg)
 
@@ -84,18 +97,18 @@ def test_vdisk_create_makes_what_qemu_img_create_makes(case: str, bases: Path):
     assert_clean(ours)
     run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", ours, theirs)
     # vdisk info describes our image as qemu-img info does.
-    ours_by_vdisk = json.loads(vdisk("info", "--output=json", str(ours)).stdout)
+    ours_by_vdisk = json.loads(vd("info", "--output=json", str(ours)).stdout)
     assert pick(ours_by_vdisk) == pick(info_ours)
 
 
-def test_vdisk_create_raw(tmp_path: Path):
-    vdisk("create", "-f", "raw", str(tmp_path / "d.raw"), "3M")
+def test_vdisk_create_raw(tmp_path: Path, vd):
+    vd("create", "-f", "raw", str(tmp_path / "d.raw"), "3M")
     info = qemu_info(tmp_path / "d.raw")
     assert (info["format"], info["virtual-size"]) == ("raw", 3 * MiB)
 
 
-def test_vdisk_create_without_backing_format_probes_it(bases: Path):
-    vdisk("create", "-b", "base.raw", str(bases / "top.qcow2"))
+def test_vdisk_create_without_backing_format_probes_it(bases: Path, vd):
+    vd("create", "-b", "base.raw", str(bases / "top.qcow2"))
     info = qemu_info(bases / "top.qcow2")
     assert (info["backing-filename"], info.get("backing-filename-format"), info["virtual-size"]) == (
         "base.raw", "raw", 3 * MiB)
@@ -116,8 +129,8 @@ def test_vdisk_create_without_backing_format_probes_it(bases: Path):
     ids=["cluster-1000", "cluster-4M", "refcount-3", "v2-extended-l2", "extended-l2-4k", "unknown-option",
          "lz4", "missing-backing"],
 )
-def test_vdisk_create_refuses_bad_options_in_one_line(args: list[str], words: tuple[str, ...], tmp_path: Path):
-    proc = vdisk("create", *args, str(tmp_path / "x.qcow2"), "1M", check=False)
+def test_vdisk_create_refuses_bad_options_in_one_line(args: list[str], words: tuple[str, ...], tmp_path: Path, vd):
+    proc = vd("create", *args, str(tmp_path / "x.qcow2"), "1M", check=False)
     assert_one_line_error(proc, *words)
 
 
@@ -127,8 +140,8 @@ def test_vdisk_create_without_size_or_backing_is_refused(tmp_path: Path):
 
 @pytest.mark.parametrize("size, expected", [("512", 512), ("64k", 64 * KiB), ("1M", MiB), ("1.5M", 1536 * KiB),
                                             ("2G", 2 << 30), ("1T", 1 << 40), ("3MiB", 3 * MiB)])
-def test_vdisk_create_sizes_are_read_like_qemu_img(size: str, expected: int, tmp_path: Path):
-    vdisk("create", str(tmp_path / "x.qcow2"), size)
+def test_vdisk_create_sizes_are_read_like_qemu_img(size: str, expected: int, tmp_path: Path, vd):
+    vd("create", str(tmp_path / "x.qcow2"), size)
     assert qemu_info(tmp_path / "x.qcow2")["virtual-size"] == expected
 
 
@@ -189,10 +202,10 @@ DAMAGES = {"clean": lambda image: None, "leak": damage_leak, "corruption": damag
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
 @pytest.mark.parametrize("output", ["human", "json"])
-def test_vdisk_check_exit_code_is_qemu_img_checks(damage: str, output: str, written: Path):
+def test_vdisk_check_exit_code_is_qemu_img_checks(damage: str, output: str, written: Path, vd):
     DAMAGES[damage](written)
     theirs = run("qemu-img", "check", f"--output={output}", written, check=False)
-    ours = vdisk("check", f"--output={output}", str(written), check=False)
+    ours = vd("check", f"--output={output}", str(written), check=False)
     assert theirs.returncode in (0, 2, 3)
     assert ours.returncode == theirs.returncode, (ours, theirs)
     assert "Traceback" not in ours.stderr
@@ -226,12 +239,12 @@ def test_vdisk_check_exit_codes_are_0_2_3(written: Path, tmp_path: Path):
 @pytest.mark.parametrize("damage", ["leak", "leak-and-copied-flag", "corruption"])
 @pytest.mark.parametrize("mode", ["leaks", "all"])
 def test_vdisk_check_repair_does_what_qemu_img_check_repair_does(damage: str, mode: str, written: Path,
-                                                                 tmp_path: Path):
+                                                                 tmp_path: Path, vd):
     DAMAGES[damage](written)
     twin = tmp_path / "twin.qcow2"
     twin.write_bytes(written.read_bytes())
     theirs = run("qemu-img", "check", "-r", mode, "--output=json", twin, check=False)
-    ours = vdisk("check", "-r", mode, "--output=json", str(written), check=False)
+    ours = vd("check", "-r", mode, "--output=json", str(written), check=False)
     assert ours.returncode == theirs.returncode, (ours, theirs)
     if theirs.returncode == 1:  # qemu-img needs a refcount rebuild it will not do with -r leaks
         assert "rebuild" in ours.stderr
@@ -246,9 +259,9 @@ def test_vdisk_check_repair_does_what_qemu_img_check_repair_does(damage: str, mo
     run("qemu-img", "compare", written, twin)
 
 
-def test_vdisk_check_repair_human_output_lists_what_was_repaired(written: Path):
+def test_vdisk_check_repair_human_output_lists_what_was_repaired(written: Path, vd):
     damage_leak(written)
-    proc = vdisk("check", "-r", "leaks", str(written))
+    proc = vd("check", "-r", "leaks", str(written))
     assert proc.returncode == 0
     assert "The following inconsistencies were found and repaired:" in proc.stdout
     assert "1 leaked clusters" in proc.stdout
@@ -261,8 +274,9 @@ def test_vdisk_check_on_a_served_image_needs_force_share(written: Path):
     import subprocess
     import time
 
-    writer = subprocess.Popen(["qemu-io", "-c", "sleep 60000", written], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+    # An interactive qemu-io holds the image open read-write (and its lock bytes) while it waits for input.
+    writer = subprocess.Popen(["qemu-io", written], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while run("qemu-img", "check", written, check=False).returncode == 0:
@@ -279,25 +293,28 @@ def test_vdisk_check_on_a_served_image_needs_force_share(written: Path):
 # --- info and map --------------------------------------------------------------------------------------
 
 
-def test_vdisk_info_text_is_qemu_img_info_text(chain4: dict[str, Path]):
+def test_vdisk_info_text_is_qemu_img_info_text(chain4: dict[str, Path], vd):
     top = chain4["D"]
-    ours = vdisk("info", "--backing-chain", str(top)).stdout
+    ours = vd("info", "--backing-chain", str(top)).stdout
     theirs = run("qemu-img", "info", "--backing-chain", top).stdout
     strip = lambda text: [l for l in text.splitlines() if not l.startswith("disk size:")]  # noqa: E731, E741
     assert strip(ours) == strip(theirs)
 
 
-def test_vdisk_map_text_and_json_are_qemu_img_maps(chain4: dict[str, Path]):
-    top = chain4["D"]
-    for output in ("human", "json"):
-        ours = vdisk("map", f"--output={output}", str(top)).stdout
-        theirs = run("qemu-img", "map", f"--output={output}", top).stdout
-        assert ours.strip() == theirs.strip(), output
+def test_vdisk_map_json_is_qemu_img_map_json_to_the_byte(chain4: dict[str, Path], vd):
+    ours = vd("map", "--output=json", str(chain4["D"])).stdout
+    assert ours.strip() == run("qemu-img", "map", "--output=json", chain4["D"]).stdout.strip()
 
 
-def test_vdisk_info_json_on_a_raw_file(tmp_path: Path):
+def test_vdisk_map_text_is_qemu_img_map_text(chain4: dict[str, Path], vd):
+    # qemu-img's human map refuses compressed clusters (chain4's C has one): compare on B, which has none.
+    ours = vd("map", str(chain4["B"])).stdout
+    assert ours.strip() == run("qemu-img", "map", chain4["B"]).stdout.strip()
+
+
+def test_vdisk_info_json_on_a_raw_file(tmp_path: Path, vd):
     run("qemu-img", "create", "-q", "-f", "raw", tmp_path / "d.raw", "1M")
-    ours = json.loads(vdisk("info", "--output=json", str(tmp_path / "d.raw")).stdout)
+    ours = json.loads(vd("info", "--output=json", str(tmp_path / "d.raw")).stdout)
     theirs = qemu_info(tmp_path / "d.raw")
     assert pick(ours) == pick(theirs)
 
@@ -309,10 +326,10 @@ def test_missing_file_is_one_line_and_exit_1(command: str, tmp_path: Path):
 
 
 @pytest.mark.parametrize("command", ["info", "map", "check"])
-def test_a_file_that_is_not_qcow2_is_one_line_for_check_and_raw_for_info_and_map(command: str, tmp_path: Path):
+def test_a_file_that_is_not_qcow2_is_one_line_for_check_and_raw_for_info_and_map(command: str, tmp_path: Path, vd):
     path = tmp_path / "junk.img"
     path.write_bytes(b"not an image at all" * 100)
-    proc = vdisk(command, str(path), check=False)
+    proc = vd(command, str(path), check=False)
     if command == "check":  # qemu-img check on raw: "This image format does not support checks", exit 63
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
@@ -320,6 +337,6 @@ def test_a_file_that_is_not_qcow2_is_one_line_for_check_and_raw_for_info_and_map
         assert proc.returncode == 0, proc
 
 
-def test_vdisk_map_on_a_broken_chain_names_the_missing_file(chain4: dict[str, Path]):
+def test_vdisk_map_on_a_broken_chain_names_the_missing_file(chain4: dict[str, Path], vd):
     chain4["B"].unlink()
-    assert_one_line_error(vdisk("map", str(chain4["D"]), check=False), "B.qcow2", "not found")
+    assert_one_line_error(vd("map", str(chain4["D"]), check=False), "B.qcow2", "not found")

@@ -242,7 +242,7 @@ def test_reftable_growth_survives_power_loss_at_every_barrier(tmp_path, recordin
         guest.flush()
     assert image._reftable.host_offset != 512, "the refcount table did not move: the test lost its point"
     image.close()
-    replayer = replay_all(tmp_path, recording, path, initial, model, singles=8, header_only=True)
+    replayer = replay_all(tmp_path, recording, path, initial, model, singles=16, header_only=True)
     replayer.assert_ok()
 
 

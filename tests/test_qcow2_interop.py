@@ -326,6 +326,15 @@ def _lazy_refcounts(d: Path) -> Path:
     return image
 
 
+def _preallocated(mode: str) -> Callable[[Path], Path]:
+    def build(d: Path) -> Path:
+        image = create(d / "img.qcow2", "3M", f"preallocation={mode}", "cluster_size=16k")
+        qemu_io(image, "write -P 0xf4 64k 4k", "write -z 1M 64k", "discard 2M 32k")
+        return image
+
+    return build
+
+
 def _chain4(d: Path) -> Path:
     """conftest's chain4: A <- B <- C <- D, as the brief describes it."""
     paths = {name: d / f"{name}.qcow2" for name in "ABCD"}
@@ -366,6 +375,7 @@ IMAGES = [
          regions=((0, MiB), (700 * GiB - 64 * KiB, MiB), (900 * GiB, 2 * MiB), (1024 * GiB - MiB, MiB))),
     Made("internal-snapshot", _internal_snapshot, writable=False),
     Made("lazy-refcounts", _lazy_refcounts),
+    *(Made(f"preallocation-{mode}", _preallocated(mode)) for mode in ("metadata", "falloc", "full")),
 ]
 IDS = [m.id for m in IMAGES]
 
@@ -396,9 +406,7 @@ def test_vdisk_reads_what_qemu_img_convert_reads(made: Made, built, tmp_path: Pa
         assert read_all(image, guest_offset, length) == (tmp_path / "r.raw").read_bytes(), guest_offset
 
 
-@pytest.mark.parametrize("made", IMAGES, ids=IDS)
-def test_vdisk_map_equals_qemu_img_map(made: Made, built, capsys):
-    image = built(made)
+def assert_maps_equal(image: Path, capsys) -> None:
     _, theirs = qemu_json("map", "-U", "--output=json", image)
     code, ours = vdisk_json(capsys, "map", "-U", "--output=json", str(image))
     assert code == 0
@@ -406,6 +414,11 @@ def test_vdisk_map_equals_qemu_img_map(made: Made, built, capsys):
     assert {"start", "length", "depth", "zero", "data"} <= keys
     strip = lambda entries: [{k: v for k, v in e.items() if k in keys} for e in entries]  # noqa: E731
     assert strip(ours) == strip(theirs)
+
+
+@pytest.mark.parametrize("made", IMAGES, ids=IDS)
+def test_vdisk_map_equals_qemu_img_map(made: Made, built, capsys):
+    assert_maps_equal(built(made), capsys)
 
 
 INFO_KEYS = ("virtual-size", "filename", "format", "cluster-size", "backing-filename", "full-backing-filename",
@@ -494,7 +507,7 @@ def writable_copy(made: Made, built, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("made", [m for m in IMAGES if not m.sparse], ids=[m.id for m in IMAGES if not m.sparse])
-def test_vdisk_writes_over_qemu_images_stay_clean_and_identical(made: Made, built, tmp_path: Path):
+def test_vdisk_writes_over_qemu_images_stay_clean_and_identical(made: Made, built, tmp_path: Path, capsys):
     image = writable_copy(made, built, tmp_path)
     model = bytearray(qemu_raw(image, tmp_path / "before.raw"))
     if not made.writable:
@@ -521,6 +534,7 @@ def test_vdisk_writes_over_qemu_images_stay_clean_and_identical(made: Made, buil
     for node in _chain_files(image):
         assert_clean(node)
     assert qemu_img_compare(image, tmp_path / "model.raw")
+    assert_maps_equal(image, capsys)  # what vdisk wrote, qemu-img maps as vdisk does
 
 
 def _chain_files(image: Path) -> list[str]:
@@ -694,7 +708,7 @@ def _make_base(tmp_path: Path, kind: str, size: int) -> str:
 
 
 @pytest.mark.parametrize("options", CREATE_OPTIONS, ids=[o.id for o in CREATE_OPTIONS])
-def test_vdisk_made_image_is_clean_and_read_identically_by_qemu(options: Options, tmp_path: Path):
+def test_vdisk_made_image_is_clean_and_read_identically_by_qemu(options: Options, tmp_path: Path, capsys):
     o = options
     backing = _make_base(tmp_path, o.backing, o.size) if o.backing else None
     image = tmp_path / "img.qcow2"
@@ -737,6 +751,7 @@ def test_vdisk_made_image_is_clean_and_read_identically_by_qemu(options: Options
         assert piece == bytes([piece[0]]) * length
         reads += ["-c", f"read -P {piece[0]} {guest_offset} {length}"]
     run("qemu-io", *reads, image)
+    assert_maps_equal(image, capsys)
 
 
 def test_refcount_table_grows_and_stays_clean(tmp_path: Path):

@@ -31,12 +31,16 @@ from conftest import (
     serve,
 )
 
+from vdisk.jobs.stream import CHUNK
+
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 1 << 20
 DISK = 8 * MiB
 SLOW = 1  # bytes/s: the job copies its first chunk, then waits (for hours) until the speed changes
-CHUNK = MiB  # vdisk.jobs.stream.CHUNK: the offset a job reports after an error in its second chunk
+# An injected error reading B (whose first data is at 1 MiB) fails the copier's chunk holding that offset;
+# the job reports the chunks before it as done.
+ERROR_AT = MiB // CHUNK * CHUNK
 
 SUCCESS = ["status:created", "status:running", "status:waiting", "status:pending", "BLOCK_JOB_COMPLETED",
            "status:concluded", "status:null"]
@@ -315,22 +319,23 @@ def test_set_speed_while_running_and_speed_at_start(chain4):
 
 
 def test_a_speed_limited_stream_progresses_at_about_that_rate(tmp_path):
-    speed = 4 * MiB  # 8 chunks of 1 MiB to copy: the first at once, then one every 0.25 s
-    run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "A.qcow2", "8M")
-    run("qemu-io", "-c", "write -P 0xa1 0 8M", tmp_path / "A.qcow2")
+    """Four chunks to copy at two chunks a second: the first at once, then one every 0.5 s (about 1.5 s)."""
+    size, speed = 4 * CHUNK, 2 * CHUNK
+    run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "A.qcow2", str(size))
+    run("qemu-io", "-c", f"write -P 0xa1 0 {size}", tmp_path / "A.qcow2")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", tmp_path / "D.qcow2")
 
     async def scenario(served):
         async with qmp_session(served.qmp) as qmp:
             started = time.monotonic()
             await qmp.execute("block-stream", {"device": "drive0", "speed": speed})
-            await asyncio.sleep(0.9)
+            await asyncio.sleep(0.75)
             midway = (await qmp.job("drive0"))["offset"]
             done = await qmp.wait_gone("drive0")
             elapsed = time.monotonic() - started
-            assert "error" not in done["data"]
-            assert 1.2 < elapsed < 8, f"8 MiB at 4 MiB/s took {elapsed:.2f} s"
-            assert MiB <= midway <= 6 * MiB, f"offset {midway} after 0.9 s at 4 MiB/s"
+            assert "error" not in done["data"] and done["data"]["offset"] == size
+            assert 1.2 < elapsed < 8, f"4 chunks at 2 chunks/s took {elapsed:.2f} s"
+            assert CHUNK <= midway <= 3 * CHUNK, f"offset {midway} after 0.75 s at 2 chunks/s"
 
     with serve(tmp_path / "D.qcow2", qmp=True) as served:
         run_async(scenario(served))
@@ -574,7 +579,7 @@ def test_read_error_with_report_fails_the_job_where_it_happened(chain4, tmp_path
             assert errors == [{"device": "drive0", "operation": "read", "action": "report"}]
             assert end["event"] == "BLOCK_JOB_COMPLETED"
             assert end["data"]["error"] == "Input/output error"
-            assert end["data"]["offset"] == CHUNK and end["data"]["len"] == DISK
+            assert end["data"]["offset"] == ERROR_AT and end["data"]["len"] == DISK
             assert qmp.sequence() == ["status:created", "status:running", "BLOCK_JOB_ERROR", "status:aborting",
                                       "BLOCK_JOB_COMPLETED", "status:concluded", "status:null"]
 
@@ -625,9 +630,9 @@ def test_read_error_with_stop_pauses_and_resume_retries(chain4, tmp_path, monkey
             await qmp.wait_status("drive0", "paused")
             info = await qmp.job("drive0")
             assert info["paused"] is True and info["status"] == "paused"
-            assert info["io-status"] == io_status and info["offset"] == CHUNK
+            assert info["io-status"] == io_status and info["offset"] == ERROR_AT
             await asyncio.sleep(0.2)
-            assert (await qmp.job("drive0"))["offset"] == CHUNK
+            assert (await qmp.job("drive0"))["offset"] == ERROR_AT
             await qmp.execute("block-job-resume", {"device": "drive0"})
             info = await qmp.job("drive0")
             if info is not None:

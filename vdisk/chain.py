@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import weakref
 from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from vdisk.backend import Backend
 from vdisk.errors import BackingChainError, FormatError, StorageError
@@ -182,6 +185,9 @@ def _status(node: Backend, offset: int, length: int, depth: int, stop_at: Backen
                 past = host_offset + inside if host_offset is not None else None
                 out.append(Extent(start + inside, run_len - inside, depth, False, True, False, past))
             continue
+        if kind == fmt.KIND_DATA and isinstance(node, Qcow2Image) and _metadata_preallocated(node):
+            _preallocated_data(node, start, run_len, host, depth, out)
+            continue
         out.append(
             Extent(
                 start,
@@ -194,6 +200,57 @@ def _status(node: Backend, offset: int, length: int, depth: int, stop_at: Backen
                 node,
             )
         )
+
+
+# Per open node, computed once (QEMU: s->metadata_preallocation_checked).
+_PREALLOCATED: weakref.WeakKeyDictionary[Qcow2Image, bool] = weakref.WeakKeyDictionary()
+
+
+def _metadata_preallocated(node: Qcow2Image) -> bool:
+    """QEMU's ``qcow2_detect_metadata_preallocation``: more clusters have a refcount than the file has blocks.
+
+    Such an image (``preallocation=metadata``, ``falloc``...) has data clusters that were never written.  For
+    them QEMU asks the host file too (BDRV_BLOCK_RECURSE) and reports holes as zero, so ``qemu-img map``
+    says ``"zero": true, "data": true``.  Same heuristic, same file, same answer.
+    """
+    known = _PREALLOCATED.get(node)
+    if known is not None:
+        return known
+    st = os.fstat(node.fd)
+    real_clusters = st.st_blocks * 512 // node.cluster_size
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = -(-st.st_size // node.cluster_size)
+    per_block = node.refcount_block_entries
+    counted = 0
+    with node.lock:
+        for rt_index in range(-(-end_cluster // per_block)):
+            block = node._refblock(rt_index)
+            if block is not None:
+                counted += int(np.count_nonzero(block.values()[: end_cluster - rt_index * per_block]))
+            if counted >= threshold:
+                break
+    _PREALLOCATED[node] = counted >= threshold
+    return counted >= threshold
+
+
+def _preallocated_data(node: Qcow2Image, start: int, length: int, host: int, depth: int, out: list[Extent]) -> None:
+    """A data run of a preallocated image, split where its host range is a hole (or past EOF): zero there."""
+    pos, end = host, host + length
+    file_size = os.fstat(node.fd).st_size
+    while pos < end:
+        if pos >= file_size:
+            hole, stop = True, end
+        else:
+            try:
+                data_at = os.lseek(node.fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole up to the end of the file
+                data_at = file_size
+            if data_at > pos:
+                hole, stop = True, min(data_at, end)
+            else:
+                hole, stop = False, min(os.lseek(node.fd, pos, os.SEEK_HOLE), end)
+        out.append(Extent(start + pos - host, stop - pos, depth, True, hole, True, pos, node))
+        pos = stop
 
 
 def merge_extents(extents: list[Extent]) -> list[Extent]:

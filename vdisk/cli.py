@@ -52,10 +52,13 @@ def cmd_create(args: argparse.Namespace) -> int:
     if unknown:
         raise OutOfRange(f"unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
     size = parse_size(args.size) if args.size is not None else None
-    if args.backing and size is None:
+    if args.backing and not args.unsafe:
+        # Like qemu-img create: the backing chain must open (a typo is caught now, not at first use),
+        # and gives the size when none is given.  -u skips this, as it does for qemu-img.
         backing = open_chain(_resolve(args.filename, args.backing), args.backing_format, read_only=True,
                              force_share=True)
-        size = backing.size
+        if size is None:
+            size = backing.size
         close_chain(backing)
     if size is None:
         raise OutOfRange("a size is needed when there is no backing file")
@@ -161,11 +164,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             result.leaks_fixed, result.corruptions_fixed = fixed.leaks_fixed, fixed.corruptions_fixed
     finally:
         image.close()
+    for line in result.messages:  # on stderr whatever the output format, as qemu-img prints them
+        print(line, file=sys.stderr)
     if args.output == "json":
         print(json.dumps(result.as_json(), indent=4))
     else:
-        for line in result.messages:
-            print(line, file=sys.stderr)
         if result.corruptions:
             print(f"\n{result.corruptions} errors were found on the image.\n"
                   "Data may be corrupted, or further writes to the image may corrupt it.")
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", choices=["qcow2", "raw"], default="qcow2")
     p.add_argument("-b", "--backing", help="backing file (stored as given; relative to the new image)")
     p.add_argument("-F", "--backing-format", choices=["qcow2", "raw"])
+    p.add_argument("-u", "--unsafe", action="store_true", help="do not open the backing file (needs a size)")
     p.add_argument("-o", "--options", help="cluster_size=N,extended_l2=on,refcount_bits=N,compat=0.10,"
                                             "compression_type=zstd")
     p.add_argument("filename")

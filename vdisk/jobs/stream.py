@@ -3,12 +3,20 @@
 Design notes
 ============
 The copier walks the disk in chunks (``CHUNK`` bytes, whole clusters).  For each chunk it holds the block
-device's COPY range lock (which excludes guest writes, not guest reads), asks which clusters the active
-image does not hold but the chain above the base does (``BlockDevice.copy_wanted``), reads the guest-visible
-content of the chunk through the chain, classifies all-zero clusters in C (``native.zero_map``, GIL
-released) and hands the buffer to ``Qcow2Image.populate``, which re-checks allocation under the image lock,
-allocates one contiguous host run for the non-zero clusters, writes them with one pwritev and links them
-with one batch of L2 updates.  Zero clusters become zero-flag clusters, never written zeros.
+device's COPY range lock (which excludes guest writes, not guest reads), maps the chunk through the chain
+below the target once (``resolve``: one ``map_units`` call per node, not one per run and per level as a
+recursive read makes; a middle image with scattered clusters cuts a chunk into many runs), takes the
+clusters that the target does not hold but the chain above the base does, reads them straight from the host
+offsets the map gave (compressed clusters, raw files and the base through their own ``pread``) into one of
+two reused chunk buffers, classifies all-zero clusters in C (``native.zero_map``, GIL released) and hands
+the buffer to ``Qcow2Image.populate``, which re-checks allocation under the image lock, allocates one
+contiguous host run for the non-zero clusters, writes them with one pwritev and links them with one batch
+of L2 updates.  Zero clusters become zero-flag clusters, never written zeros.  (``BlockDevice.copy_wanted``
+answers the same question for copy-on-read, one guest request at a time.)
+
+Every ``WRITEBACK_EVERY`` bytes copied, a helper thread asks the kernel to start writing the target's dirty
+pages (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, no waiting), so the disk works while the copy runs and
+the fdatasync of ``finish`` finds little left: on a 2 GiB stream it otherwise writes everything at the end.
 
 Two stages overlap (these machines have 2 cores): while stage 2 (a worker thread) writes chunk N, stage 1
 (the job thread) reads chunk N+1.  Each chunk keeps its COPY lock from its read until its write is linked,
@@ -39,7 +47,7 @@ from vdisk.qcow2.image import Qcow2Image
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 << 20
+CHUNK = 1 << 20
 #: Start the kernel's writeback of the target every this many bytes copied (0: never), so that the
 #: fdatasync before the chain switch finds little left to write.
 WRITEBACK_EVERY = 32 << 20

@@ -134,6 +134,13 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
             repair = None
         current = stored
         if repair:
+            # A count the refcount width cannot hold stays a corruption, as in QEMU ("ERROR: overflow cluster
+            # offset=...": amend or convert the image); it must not escape as an OverflowError.
+            overflow = low[expected[low] > min((1 << h.refcount_bits) - 1, np.iinfo(np.int64).max)]
+            for i in overflow[:20]:
+                result.messages.append(f"ERROR overflow cluster {i} reference={expected[i]} exceeds "
+                                       f"{h.refcount_bits}-bit refcounts")
+            low = np.setdiff1d(low, overflow)
             fix = list(high) + (list(low) if repair == "all" else [])
             for i in fix:
                 image._set_refcount(int(i), int(expected[i]))

@@ -156,8 +156,19 @@ class Qcow2Image:
             from vdisk.qcow2.check import check_image
 
             log.warning("%s: dirty bit set (not closed cleanly); repairing refcounts as QEMU does", self.path)
-            check_image(self, repair="all")
+            result = check_image(self, repair="all")
+            if result.check_errors or result.corruptions:
+                # QEMU: "Could not repair dirty image"; the image stays dirty and is not opened for writing.
+                raise CorruptImage(
+                    f"could not repair dirty image: {result.corruptions} corruptions and {result.check_errors} "
+                    f"check errors left ({'; '.join(result.messages[:3])})",
+                    path=self.path, field="dirty bit",
+                )
+            log.warning("%s: repaired %d leaked clusters and %d corruptions; clearing the dirty bit", self.path,
+                        result.leaks_fixed, result.corruptions_fixed)
+            # The repaired refcounts are durable (check_image flushed them) before the bit is cleared.
             self._write_header_u64(fmt.OFFSET_INCOMPATIBLE_FEATURES, h.incompatible_features & ~fmt.INCOMPAT_DIRTY)
+            self._fdatasync()
             h.incompatible_features &= ~fmt.INCOMPAT_DIRTY
         if h.version >= 3 and h.autoclear_features & ~fmt.AUTOCLEAR_KEPT:
             log.info("%s: clearing autoclear feature bits %#x", self.path, h.autoclear_features)
@@ -591,7 +602,10 @@ class Qcow2Image:
         if entry & fmt.OFLAG_COMPRESSED:
             return guest_offset, length, fmt.KIND_COMPRESSED, entry
         if entry & fmt.OFLAG_ZERO:
-            return guest_offset, length, fmt.KIND_ZERO, entry & fmt.L2E_OFFSET_MASK
+            # A preallocated zero cluster's host offset, at the same place in the cluster as the guest offset
+            # (as map_units reports it); 0 for a plain zero cluster.
+            prealloc = entry & fmt.L2E_OFFSET_MASK
+            return guest_offset, length, fmt.KIND_ZERO, prealloc + (guest_offset & (self.cluster_size - 1)) if prealloc else 0
         host = entry & fmt.L2E_OFFSET_MASK
         if not host:
             return guest_offset, length, fmt.KIND_UNALLOCATED, 0
@@ -648,12 +662,17 @@ class Qcow2Image:
         raw = self._pread(length, host)
         try:
             if self.header.compression_type == fmt.COMPRESSION_ZSTD:
-                data = self._zstd.decompressobj().decompress(raw)
+                # Never decompress a frame whole: a few KiB of zstd can expand to gigabytes.  One byte past the
+                # cluster tells a frame that is too long, which QEMU's qcow2_zstd_decompress refuses (EIO).
+                data = self._zstd.stream_reader(raw).read(self.cluster_size + 1)
             else:
                 data = zlib.decompressobj(-12).decompress(raw, self.cluster_size)
         except Exception as exc:  # zlib.error / zstd.ZstdError: both are "this cluster is garbage"
             raise CorruptImage(f"compressed cluster does not decompress: {exc}", path=self.path,
                                offset=host) from exc
+        if len(data) > self.cluster_size:
+            raise CorruptImage(f"compressed cluster decompresses to more than {self.cluster_size} bytes",
+                               path=self.path, offset=host)
         if len(data) < self.cluster_size:
             raise CorruptImage(
                 f"compressed cluster decompresses to {len(data)} bytes, not {self.cluster_size}",
@@ -724,11 +743,27 @@ class Qcow2Image:
                         segments.append((host, whole))
                     updates.append((c, host | fmt.OFLAG_COPIED, fmt.L2_BITMAP_ALL_ALLOC))
                 cluster = stop
-        self._write_segments(segments)
+        try:
+            self._write_segments(segments)
+        except BaseException:
+            self._release_unlinked([desc & fmt.L2E_OFFSET_MASK for _, desc, _ in updates])
+            raise
         if updates:
             self._commit(updates)
         if fua:
             self.flush()
+
+    def _release_unlinked(self, hosts: list[int]) -> None:
+        """Give back clusters allocated for a write that failed before anything pointed at them (QEMU's
+        qcow2_alloc_cluster_abort): a guest retrying a write on a full disk must not leak a cluster per try."""
+        with self.lock:
+            for host in hosts:
+                cluster = host >> self.cluster_bits
+                value = self.refcount(cluster)
+                if value:
+                    self._set_refcount(cluster, value - 1)
+                    if value == 1:
+                        self._free_hint = min(self._free_hint, cluster)
 
     def _read_cluster(self, dst: memoryview, cluster: int) -> None:
         """The current guest content of a whole cluster (for copy-on-write); caller holds the lock."""
@@ -825,16 +860,18 @@ class Qcow2Image:
             n_data = int(np.count_nonzero(as_data))
             host = self._allocate(n_data) if n_data else 0
         if n_data:
-            if faults.ENABLED:
-                faults.check(self.path, "write", host, n_data * cs)
             try:
+                if faults.ENABLED:
+                    faults.check(self.path, "write", host, n_data * cs)
                 if iolog.ENABLED:
                     packed = b"".join(memoryview(buf)[int(i) * cs : (int(i) + 1) * cs] for i in np.flatnonzero(as_data))
                     self._pwrite(packed, host)
                 else:
                     native.pwrite_selected(self.fd, buf, cs, as_data, host)
-            except StorageError as exc:
-                exc.path = self.path
+            except BaseException as exc:
+                if isinstance(exc, StorageError):
+                    exc.path = self.path
+                self._release_unlinked([host + k * cs for k in range(n_data)])
                 raise
         updates = [(first + int(i), host + k * cs | fmt.OFLAG_COPIED, fmt.L2_BITMAP_ALL_ALLOC)
                    for k, i in enumerate(np.flatnonzero(as_data))]
@@ -959,46 +996,52 @@ class Qcow2Image:
         """
         to_release = self._pending_free
         self._pending_free = []
-        dirty_blocks = [b for b in self._refblock_cache.values() if b.dirty]
-        if dirty_blocks or self._reftable_dirty:
-            for block in dirty_blocks:
-                self._pwrite(block.data, block.host_offset)
-            if self._reftable_dirty:
-                if self._reftable_moved is None and dirty_blocks:
-                    self._fdatasync()  # new blocks durable before the table entries that point at them
-                self._pwrite(self._reftable.data, self._reftable.host_offset)
-            self._fdatasync()
-            data_synced = True
-            for block in dirty_blocks:
-                block.dirty = False
-            if self._reftable_dirty and self._reftable_moved is not None:
-                self._pwrite(
-                    fmt.REFCOUNT_TABLE_POINTER.pack(self._reftable.host_offset,
-                                                    len(self._reftable.data) // self.cluster_size),
-                    fmt.OFFSET_REFCOUNT_TABLE,
-                )
+        try:
+            dirty_blocks = [b for b in self._refblock_cache.values() if b.dirty]
+            if dirty_blocks or self._reftable_dirty:
+                for block in dirty_blocks:
+                    self._pwrite(block.data, block.host_offset)
+                if self._reftable_dirty:
+                    if self._reftable_moved is None and dirty_blocks:
+                        self._fdatasync()  # new blocks durable before the table entries that point at them
+                    self._pwrite(self._reftable.data, self._reftable.host_offset)
                 self._fdatasync()
-                old_offset, old_clusters = self._reftable_moved
-                to_release.extend(range(old_offset >> self.cluster_bits,
-                                        (old_offset >> self.cluster_bits) + old_clusters))
-                self._reftable_moved = None
-                self.header.refcount_table_offset = self._reftable.host_offset
-                self.header.refcount_table_clusters = len(self._reftable.data) // self.cluster_size
-            self._reftable_dirty = False
-        dirty_l2 = [t for t in self._l2_cache.values() if t.dirty]
-        if dirty_l2 or self._l1_dirty:
-            if not data_synced:
-                self._fdatasync()  # data linked after flush()'s data fdatasync
-            for table in dirty_l2:
-                self._pwrite(table.data, table.host_offset)
-            if self._l1_dirty:
-                if dirty_l2:
-                    self._fdatasync()  # new L2 tables durable before the L1 entries that point at them
-                self._pwrite(self._l1.data, self._l1.host_offset)
-            self._fdatasync()
-            for table in dirty_l2:
-                table.dirty = False
-            self._l1_dirty = False
+                data_synced = True
+                for block in dirty_blocks:
+                    block.dirty = False
+                if self._reftable_dirty and self._reftable_moved is not None:
+                    self._pwrite(
+                        fmt.REFCOUNT_TABLE_POINTER.pack(self._reftable.host_offset,
+                                                        len(self._reftable.data) // self.cluster_size),
+                        fmt.OFFSET_REFCOUNT_TABLE,
+                    )
+                    self._fdatasync()
+                    old_offset, old_clusters = self._reftable_moved
+                    to_release.extend(range(old_offset >> self.cluster_bits,
+                                            (old_offset >> self.cluster_bits) + old_clusters))
+                    self._reftable_moved = None
+                    self.header.refcount_table_offset = self._reftable.host_offset
+                    self.header.refcount_table_clusters = len(self._reftable.data) // self.cluster_size
+                self._reftable_dirty = False
+            dirty_l2 = [t for t in self._l2_cache.values() if t.dirty]
+            if dirty_l2 or self._l1_dirty:
+                if not data_synced:
+                    self._fdatasync()  # data linked after flush()'s data fdatasync
+                for table in dirty_l2:
+                    self._pwrite(table.data, table.host_offset)
+                if self._l1_dirty:
+                    if dirty_l2:
+                        self._fdatasync()  # new L2 tables durable before the L1 entries that point at them
+                    self._pwrite(self._l1.data, self._l1.host_offset)
+                self._fdatasync()
+                for table in dirty_l2:
+                    table.dirty = False
+                self._l1_dirty = False
+        except BaseException:
+            # Not released: the tables that stopped pointing at them may not be durable (ENOSPC, EIO).
+            # The next flush tries again, instead of leaking them.
+            self._pending_free[:0] = to_release
+            raise
         for cluster in to_release:
             value = self.refcount(cluster)
             if value:

@@ -266,7 +266,7 @@ def test_dirty_image_opens_read_write_only_after_a_logged_refcount_repair(tmp_pa
         served.stop()
         log = served.proc.stderr.read()
     assert "dirty bit set" in log and "repairing refcounts" in log, log
-    assert "repaired 2 leaked clusters and 1 corruptions" in log, log
+    assert "repaired 2 leaked clusters and 1 corruptions" in log and "dirty bit cleared" in log, log
     assert not _u64(image, INCOMPAT_OFFSET) & DIRTY
     assert_clean(image)
     after = bytearray(data)
@@ -274,17 +274,16 @@ def test_dirty_image_opens_read_write_only_after_a_logged_refcount_repair(tmp_pa
     assert qemu_raw(image, tmp_path / "after.raw") == after
 
 
-def test_dirty_image_that_cannot_be_repaired_is_refused_for_writing(tmp_path):
-    """QEMU: "Could not repair dirty image".  An L2 table past the end of the file is a check error."""
+def test_dirty_image_whose_metadata_cannot_be_read_is_refused_for_writing(tmp_path):
+    """QEMU refuses a dirty image whose repair hits check errors ("Could not repair dirty image").  vdisk
+    counts an L2 table past the end of the file as one (QEMU reads zeros there and counts a corruption)."""
     image, _ = _dirty_image(tmp_path)
     l1 = _u64(image, 40)
     with open(image, "r+b") as f:
         f.seek(l1)  # the L2 table moves far past the end of the file
         f.write(struct.pack(">Q", (1 << 40) | (1 << 63)))
-    proc = run("qemu-io", "-c", "write 0 4k", image, check=False)
-    assert "Could not repair dirty image" in proc.stderr + proc.stdout, proc
     digest = file_digest(image)
     with pytest.raises(AssertionError, match="could not repair dirty image"):
         with serve(image):
             pass
-    assert file_digest(image) == digest
+    assert file_digest(image) == digest, "the refused open wrote to the image"

@@ -346,3 +346,109 @@ def test_inputs_that_once_failed_stay_fixed(workdir, traced, path):
         _open_read(workdir, data, write=target.endswith("_rw"))
     else:
         getattr(targets, target)(data)
+
+
+# --- findings, each pinned -----------------------------------------------------------------------------------------
+
+
+def _zstd_rle_frame(blocks: int, block_size: int = 128 * 1024) -> bytes:
+    """A zstd frame of RLE blocks: 4 bytes of input per ``block_size`` bytes of output (a decompression bomb)."""
+    out = bytearray(b"\x28\xb5\x2f\xfd\x00\x38")  # magic; no content size; window 128 KiB
+    for i in range(blocks):
+        header = (i == blocks - 1) | (1 << 1) | (block_size << 3)  # last flag, type RLE, size
+        out += struct.pack("<I", header)[:3] + b"\x00"
+    return bytes(out)
+
+
+def test_zstd_cluster_that_expands_past_the_cluster_is_refused_in_bounded_memory_like_qemu(tmp_path, traced):
+    """Found by review of the read path, pinned here: 8 KiB of zstd in a 4 KiB-cluster image expanded to
+    256 MiB in memory (4 GiB with 64 KiB clusters) and the read succeeded with made-up data.  QEMU stops at
+    the cluster size and fails the read (EIO); so does vdisk now, with CorruptImage."""
+    path = tmp_path / "bomb.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd,cluster_size=4k", path, "64k")
+    run("qemu-io", "-c", "write -c -P 0x42 0 4k", path)
+    data = bytearray(path.read_bytes())
+    h = fmt.parse_header(bytes(data))
+    l2 = struct.unpack_from(">Q", data, h.l1_table_offset)[0] & fmt.L1E_OFFSET_MASK
+    host, _ = fmt.compressed_extent(struct.unpack_from(">Q", data, l2)[0], h.cluster_bits)
+    _, shift, mask = fmt.compressed_layout(h.cluster_bits)
+    bomb = _zstd_rle_frame(2046)  # 8190 bytes: the most a 4 KiB-cluster descriptor can name
+    data[host:] = bomb
+    struct.pack_into(">Q", data, l2, fmt.OFLAG_COMPRESSED | (mask << shift) | host)
+    path.write_bytes(data)
+
+    image = Qcow2Image.open(str(path), read_only=True)
+    try:
+        def read() -> None:
+            with pytest.raises(errors.CorruptImage, match="more than 4096 bytes"):
+                image.pread(bytearray(4096), 0)
+
+        spent, peak = bounded(read)
+    finally:
+        image.close()
+    assert peak < 1 << 20, f"peak {peak} bytes"
+    assert "Input/output error" in run("qemu-io", "-r", "-c", "read 0 4k", path, check=False).stdout
+
+
+def test_dirty_image_whose_repair_overflows_the_refcount_width_reports_it_and_does_not_crash(tmp_path, caplog):
+    """Found by fuzzing the read-write open: a dirty image with 1-bit refcounts and one data cluster named by two
+    L2 entries made the automatic repair raise OverflowError.  Now the overflow stays a corruption, as in QEMU
+    ("ERROR: overflow cluster"): the open fails with our error or leaves the image dirty, and says why."""
+    path = tmp_path / "overflow.qcow2"
+    data = bytearray((CORPUS / "qcow2_image" / "refcount1-512.qcow2").read_bytes())
+    h = fmt.parse_header(bytes(data))
+    l2 = struct.unpack_from(">Q", data, h.l1_table_offset)[0] & fmt.L1E_OFFSET_MASK
+    struct.pack_into(">Q", data, l2 + 8 * 10, struct.unpack_from(">Q", data, l2)[0])
+    struct.pack_into(">Q", data, fmt.OFFSET_INCOMPATIBLE_FEATURES, h.incompatible_features | fmt.INCOMPAT_DIRTY)
+    path.write_bytes(data)
+
+    try:
+        Qcow2Image.open(str(path)).close()
+    except errors.CorruptImage as exc:
+        said = str(exc)
+    else:
+        said = caplog.text
+        assert fmt.parse_header(path.read_bytes()).incompatible_features & fmt.INCOMPAT_DIRTY, "dirty bit cleared"
+    assert "overflow" in said, said
+    assert "overflow cluster" in run("qemu-img", "check", path, check=False).stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "char-device"])
+def test_backing_file_that_is_not_a_regular_file_is_refused_at_open(tmp_path, kind):
+    """Found by probing backing names: a backing file naming a FIFO blocked open_chain forever (vdisk serve,
+    vdisk info hung on such an image); a directory or /dev/zero opened as a disk.  QEMU's file driver
+    refuses what is not a regular file (or a host device); so does vdisk, before opening it."""
+    import os
+
+    target = {"fifo": "fifo", "directory": "sub", "char-device": "/dev/zero"}[kind]
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    elif kind == "directory":
+        (tmp_path / "sub").mkdir()
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", target, "-F", "raw", top, "64k")
+    start = time.monotonic()
+    with pytest.raises(errors.BackingChainError, match="not a regular file"):
+        chain.open_chain(str(top), read_only=True)
+    assert time.monotonic() - start < 1
+
+
+def test_a_node_that_fails_to_close_does_not_keep_the_rest_of_the_chain_open(tmp_path, monkeypatch):
+    """Found while fuzzing read-write opens: close_chain stopped at the first node whose final flush failed,
+    leaving every backing file open (a leaked fd per hostile image in a long-running process)."""
+    import os
+
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    node = chain.open_chain(str(top))
+    backing_fd = node.backing.fd
+
+    def failing_flush() -> None:
+        raise errors.StorageError("flush failed: EIO (injected)", path=str(top))
+
+    monkeypatch.setattr(node, "flush", failing_flush)
+    with pytest.raises(errors.StorageError):
+        chain.close_chain(node)
+    with pytest.raises(OSError):
+        os.fstat(backing_fd)  # closed

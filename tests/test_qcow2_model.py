@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_clean, qemu_img_compare, qemu_raw, run
-from vdisk.chain import close_chain, open_chain
+from conftest import assert_clean, qemu_img_compare, qemu_map, qemu_raw, run
+from vdisk.chain import chain_map, close_chain, open_chain
 from vdisk.qcow2.image import Qcow2Image
 from vdisk.raw import RawImage
 
@@ -280,6 +280,13 @@ def check_with_qemu(top_path: Path, model: bytearray, directory: Path) -> None:
     model_path = directory / "model.raw"
     model_path.write_bytes(model)
     assert qemu_img_compare(top_path, model_path), "qemu-img compare: the top differs from the model"
+    # Block status through the chain, as qemu-img map sees the same files.
+    top = open_chain(str(top_path), read_only=True)
+    try:
+        ours = [e.as_json() for e in chain_map(top)]
+    finally:
+        close_chain(top)
+    assert ours == qemu_map(top_path)
 
 
 # --- the properties --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -85,6 +86,11 @@ def open_chain(
                 )
             if not os.path.exists(target):
                 raise BackingChainError(f"backing file {name!r} not found (looked for {target})", path=node.path)
+            if not (stat.S_ISREG(mode := os.stat(target).st_mode) or stat.S_ISBLK(mode)):
+                # QEMU's file driver wants a regular file (or a host device): a FIFO would block the open
+                # forever, a directory or a character device is no disk.
+                raise BackingChainError(f"backing file {target!r} is not a regular file or a block device",
+                                        path=node.path)
             key = _file_key(target)
             if key in seen:
                 raise BackingChainError(
@@ -122,8 +128,15 @@ def nodes(top: Backend) -> Iterator[Backend]:
 
 
 def close_chain(top: Backend) -> None:
+    """Close every node; one that fails to close (a final flush error) does not leave the others open."""
+    first_error: BaseException | None = None
     for node in list(nodes(top)):
-        node.close()
+        try:
+            node.close()
+        except BaseException as exc:
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
 
 
 # --- block status through the chain ------------------------------------------------------------------

@@ -153,7 +153,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from vdisk.qcow2.image import Qcow2Image
 
     image = Qcow2Image.open(args.filename, read_only=args.repair is None, force_share=args.force_share,
-                            repair=False)
+                            repair=False, for_check=True)
     try:
         result = check_image(image, repair=args.repair)
         if result.leaks_fixed or result.corruptions_fixed:

@@ -160,7 +160,19 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
         if repair:
             image._fdatasync()
             image._flush_metadata()
+            if not result.check_errors and not result.corruptions:
+                _mark_clean_and_consistent(image)
     return result
+
+
+def _mark_clean_and_consistent(image: Qcow2Image) -> None:
+    """After a successful repair, clear the dirty and corrupt bits (QEMU's qcow2_mark_clean/_consistent)."""
+    h = image.header
+    bits = h.incompatible_features & ~(fmt.INCOMPAT_DIRTY | fmt.INCOMPAT_CORRUPT)
+    if bits != h.incompatible_features and h.version >= 3:
+        image._pwrite(fmt.U64.pack(bits), fmt.OFFSET_INCOMPATIBLE_FEATURES)
+        image._fdatasync()
+        h.incompatible_features = bits
 
 
 def _check_copied(image: Qcow2Image, refcounts: np.ndarray, result: CheckResult, repair: bool) -> None:

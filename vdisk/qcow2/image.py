@@ -50,6 +50,9 @@ from vdisk.errors import CorruptImage, FormatError, OutOfRange, ReadOnlyError, S
 from vdisk.qcow2 import format as fmt
 from vdisk.qcow2.tables import RefcountBlock, Table, l2_units, runs
 
+# map_units ranges of at most this many clusters (in one L2 table) take the scalar path
+_SCALAR_MAP_CLUSTERS = 64
+
 if TYPE_CHECKING:
     from vdisk.backend import Backend
 
@@ -109,7 +112,10 @@ class Qcow2Image:
         force_share: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         repair: bool = True,
+        for_check: bool = False,
     ) -> Qcow2Image:
+        """Open an image.  ``for_check``: as ``qemu-img check`` opens it (QEMU's BDRV_O_CHECK): a dirty or
+        corrupt image opens read-write as it is, for ``check_image`` to report and repair."""
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
             fd = os.open(path, flags | os.O_CLOEXEC)
@@ -122,7 +128,7 @@ class Qcow2Image:
             header = fmt.parse_header(first, path=path, file_size=file_size)
             first = first[: header.cluster_size]
             if not read_only:
-                if header.incompatible_features & fmt.INCOMPAT_CORRUPT:
+                if header.incompatible_features & fmt.INCOMPAT_CORRUPT and not for_check:
                     raise CorruptImage(
                         "image is marked corrupt; it can only be opened read-only",
                         path=path,
@@ -142,34 +148,46 @@ class Qcow2Image:
             raise
         if not read_only:
             try:
-                image._open_for_writing(repair)
+                image._open_for_writing(repair, for_check=for_check)
             except BaseException:
                 image.close()
                 raise
         return image
 
-    def _open_for_writing(self, repair: bool) -> None:
+    def _open_for_writing(self, repair: bool, *, for_check: bool = False) -> None:
         h = self.header
-        if h.incompatible_features & fmt.INCOMPAT_DIRTY:
+        if h.incompatible_features & fmt.INCOMPAT_DIRTY and not for_check:
             if not repair:
                 raise CorruptImage("image is dirty and repair was not allowed", path=self.path, field="dirty bit")
             from vdisk.qcow2.check import check_image
 
             log.warning("%s: dirty bit set (not closed cleanly); repairing refcounts as QEMU does", self.path)
-            result = check_image(self, repair="all")
-            if result.check_errors or result.corruptions:
+            result = check_image(self)
+            if not result.check_errors:
+                result = check_image(self, repair="all")
+            if result.check_errors:
                 # QEMU: "Could not repair dirty image"; the image stays dirty and is not opened for writing.
+                # Checked before repairing, so a refused image is left as it was.  (vdisk counts metadata it
+                # cannot read, such as an L2 table past the end of the file, as a check error; QEMU reads zeros
+                # there and counts a corruption.)
                 raise CorruptImage(
-                    f"could not repair dirty image: {result.corruptions} corruptions and {result.check_errors} "
-                    f"check errors left ({'; '.join(result.messages[:3])})",
+                    f"could not repair dirty image: {result.check_errors} check errors "
+                    f"({'; '.join(result.messages[:3])})",
                     path=self.path, field="dirty bit",
                 )
-            log.warning("%s: repaired %d leaked clusters and %d corruptions; clearing the dirty bit", self.path,
+            log.warning("%s: repaired %d leaked clusters and %d corruptions", self.path,
                         result.leaks_fixed, result.corruptions_fixed)
-            # The repaired refcounts are durable (check_image flushed them) before the bit is cleared.
-            self._write_header_u64(fmt.OFFSET_INCOMPATIBLE_FEATURES, h.incompatible_features & ~fmt.INCOMPAT_DIRTY)
-            self._fdatasync()
-            h.incompatible_features &= ~fmt.INCOMPAT_DIRTY
+            if result.corruptions:
+                # As QEMU: opened, but the bit stays set, so the next open checks again.
+                log.error("%s: %d corruptions could not be repaired; the image stays marked dirty (%s)",
+                          self.path, result.corruptions, "; ".join(result.messages[:3]))
+            else:
+                # The repaired refcounts are durable (check_image flushed them) before the bit is cleared.
+                self._write_header_u64(fmt.OFFSET_INCOMPATIBLE_FEATURES,
+                                       h.incompatible_features & ~fmt.INCOMPAT_DIRTY)
+                self._fdatasync()
+                h.incompatible_features &= ~fmt.INCOMPAT_DIRTY
+                log.warning("%s: refcounts repaired; dirty bit cleared", self.path)
         if h.version >= 3 and h.autoclear_features & ~fmt.AUTOCLEAR_KEPT:
             log.info("%s: clearing autoclear feature bits %#x", self.path, h.autoclear_features)
             h.autoclear_features &= fmt.AUTOCLEAR_KEPT
@@ -554,8 +572,12 @@ class Qcow2Image:
         Compressed runs carry the raw L2 entry as host offset.  Zero and unallocated runs carry the host offset
         of a preallocated cluster (or of an allocated cluster's unallocated subclusters), else 0.
         """
-        if not self.extended_l2 and length and (guest_offset & (self.cluster_size - 1)) + length <= self.cluster_size:
-            return [self._map_in_cluster(guest_offset, length)]
+        if not self.extended_l2 and length:
+            if (guest_offset & (self.cluster_size - 1)) + length <= self.cluster_size:
+                return [self._map_in_cluster(guest_offset, length)]
+            first, last = guest_offset >> self.cluster_bits, (guest_offset + length - 1) >> self.cluster_bits
+            if last - first < _SCALAR_MAP_CLUSTERS and first // self.l2_entries == last // self.l2_entries:
+                return self._map_clusters(guest_offset, length, first, last)
         out: list[tuple[int, int, int, int]] = []
         end = guest_offset + length
         unit = self.unit_size
@@ -590,6 +612,51 @@ class Qcow2Image:
                         host += start - (first_unit + u0) * unit
                     out.append((start, stop_run - start, kind, host))
                 pos = stop
+        return out
+
+    def _map_clusters(self, guest_offset: int, length: int, first: int, last: int) -> list[tuple[int, int, int, int]]:
+        """map_units for a few clusters of one standard L2 table: scalar code (numpy costs more on so few entries).
+
+        Same runs as the vectorised path: a run has one kind; runs with host offsets are host-contiguous;
+        every compressed cluster is its own run.
+        """
+        bits = self.cluster_bits
+        in_cluster = (1 << bits) - 1
+        end = guest_offset + length
+        l1_index, l2_first = divmod(first, self.l2_entries)
+        with self.lock:
+            table = self._l2_table(l1_index)
+            entries = table.view[l2_first : l2_first + last - first + 1].tolist() if table is not None else None
+        if entries is None:
+            return [(guest_offset, length, fmt.KIND_UNALLOCATED, 0)]
+        out: list[tuple[int, int, int, int]] = []
+        pos = guest_offset
+        prev_kind = prev_host_end = -1
+        for i, entry in enumerate(entries):
+            stop = min(end, (first + i + 1) << bits)
+            if entry & fmt.OFLAG_COMPRESSED:
+                out.append((pos, stop - pos, fmt.KIND_COMPRESSED, entry))
+                prev_kind, pos = fmt.KIND_COMPRESSED, stop
+                continue
+            host = entry & fmt.L2E_OFFSET_MASK
+            if entry & fmt.OFLAG_ZERO:
+                kind = fmt.KIND_ZERO
+            elif host:
+                if host & in_cluster or host >= fmt.MAX_HOST_OFFSET:
+                    raise CorruptImage("data cluster offset invalid (unaligned or beyond 2^56)", path=self.path,
+                                       field=f"L2 table of l1[{l1_index}]")
+                kind = fmt.KIND_DATA
+            else:
+                kind = fmt.KIND_UNALLOCATED
+            if host:
+                host += pos & in_cluster
+            if kind == prev_kind and (host == prev_host_end if host or prev_host_end else True):
+                run_start, run_length, _, run_host = out[-1]
+                out[-1] = (run_start, run_length + stop - pos, kind, run_host)
+            else:
+                out.append((pos, stop - pos, kind, host))
+            prev_kind, prev_host_end = kind, host + stop - pos if host else 0
+            pos = stop
         return out
 
     def _map_in_cluster(self, guest_offset: int, length: int) -> tuple[int, int, int, int]:
@@ -630,6 +697,21 @@ class Qcow2Image:
         """Fill ``buf`` with the guest data at guest_offset (falls through to the backing file)."""
         view = memoryview(buf).cast("B")
         self._check_range(guest_offset, len(view))
+        length = len(view)
+        if (length and (guest_offset & (self.cluster_size - 1)) + length <= self.cluster_size
+                and not self.extended_l2 and not faults.ENABLED):
+            # One cluster (the small random read): one L2 lookup per chain level, one preadv.
+            _, _, kind, host = self._map_in_cluster(guest_offset, length)
+            if kind == fmt.KIND_DATA:
+                try:
+                    if os.preadv(self.fd, [view], host) == length:
+                        return
+                except OSError:
+                    pass  # the general path below reads it again and reports the error properly
+            backing = self.backing
+            if kind == fmt.KIND_UNALLOCATED and backing is not None and guest_offset + length <= backing.size:
+                backing.pread(view, guest_offset)
+                return
         for start, length, kind, host in self.map_units(guest_offset, len(view)):
             dst = view[start - guest_offset : start - guest_offset + length]
             if kind == fmt.KIND_DATA:

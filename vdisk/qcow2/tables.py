@@ -81,6 +81,8 @@ class RefcountBlock(Table):
         if stop - start < count:
             return None
         if self.order >= 3:
+            if not self.view[start : start + count].any():
+                return start  # the common case: allocation right at the free hint
             free = self.view[start:stop] == 0
         else:
             free = self.values()[start:stop] == 0

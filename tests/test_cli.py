@@ -279,10 +279,11 @@ def test_vdisk_check_on_a_served_image_needs_force_share(written: Path):
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while run("qemu-img", "check", written, check=False).returncode == 0:
+        while (probe := run("qemu-img", "check", written, check=False)).returncode == 0:
             assert time.monotonic() < deadline, "qemu-io never took its locks"
             time.sleep(0.05)
         proc = vdisk("check", str(written), check=False)
+        assert "lock" in probe.stderr, probe.stderr
         assert_one_line_error(proc, "lock")
         assert vdisk("check", "-U", str(written)).returncode == 0
     finally:
@@ -340,3 +341,24 @@ def test_a_file_that_is_not_qcow2_is_one_line_for_check_and_raw_for_info_and_map
 def test_vdisk_map_on_a_broken_chain_names_the_missing_file(chain4: dict[str, Path], vd):
     chain4["B"].unlink()
     assert_one_line_error(vd("map", str(chain4["D"]), check=False), "B.qcow2", "not found")
+
+
+@pytest.mark.parametrize("bit", [0, 1], ids=["dirty", "corrupt"])
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+def test_vdisk_check_repair_opens_dirty_and_corrupt_images_and_clears_the_bit(bit: int, mode: str, written: Path,
+                                                                               tmp_path: Path, vd):
+    """qemu-img check opens such images read-write unrepaired (BDRV_O_CHECK), repairs, then marks them clean."""
+    damage_leak_and_corruption(written)
+    with open(written, "r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", 1 << bit))
+    twin = tmp_path / "twin.qcow2"
+    twin.write_bytes(written.read_bytes())
+    theirs = run("qemu-img", "check", "-r", mode, "--output=json", twin, check=False)
+    ours = vd("check", "-r", mode, "--output=json", str(written), check=False)
+    assert ours.returncode == theirs.returncode == 0, (ours, theirs)
+    a, b = json.loads(ours.stdout), json.loads(theirs.stdout)
+    for key in ("corruptions", "leaks", "leaks-fixed", "corruptions-fixed"):
+        assert a.get(key) == b.get(key), (key, a, b)
+    assert written.read_bytes()[72:80] == twin.read_bytes()[72:80] == bytes(8)
+    assert_clean(written)

@@ -45,7 +45,7 @@ import numpy as np
 
 from vdisk import chain, native
 from vdisk.backend import Backend
-from vdisk.errors import GenericError, OutOfRange, ReadOnlyError, VdiskError
+from vdisk.errors import GenericError, OutOfRange, ReadOnlyError, StorageError, VdiskError
 from vdisk.qcow2.image import Qcow2Image
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class BlockDevice:
         self.cor_active = False
         self.cor_base: Backend | None = None
         self.job = None  # the block job running on this device, if any
+        self._cor_failing = False  # copy-on-read copies fail to store (logged once per run of failures)
 
     @property
     def size(self) -> int:
@@ -170,7 +171,19 @@ class BlockDevice:
             whole = memoryview(buf)
             top.read_backing(whole[: end - start], start)
             zero = native.zero_map(buf, cs)
-            top.populate(start, buf, wanted, zero)
+            try:
+                top.populate(start, buf, wanted, zero)
+            except StorageError as exc:
+                # The copy could not be stored (ENOSPC while a stream waits for space, EIO): the read itself
+                # does not need it, so it goes on from the chain.  (QEMU fails the guest read here; a paused
+                # stream on a full disk would make every read of an uncopied cluster fail.)  populate gave
+                # its clusters back; the stream job reports the error through its own on-error policy.
+                if not self._cor_failing:
+                    log.warning("device %s: copy-on-read could not store a copy, reads go on without it: %s",
+                                self.name, exc)
+                self._cor_failing = True
+            else:
+                self._cor_failing = False
             # Read from the active image itself: clusters of the range that were already allocated there
             # (or partly, with subclusters) must come from it, not from the backing data just read.
             top.pread(view, offset)

@@ -36,6 +36,7 @@ it for free.  ``flush()`` fdatasyncs data without the lock, then takes it for th
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import threading
@@ -346,6 +347,18 @@ class Qcow2Image:
         if done < total:
             joined = b"".join(bytes(b) for b in buffers)
             self._pwrite(memoryview(joined)[done:], offset + done)
+
+    def _reserve(self, host_offset: int, length: int) -> None:
+        """Give the file blocks for a new table now: it is written only at the next flush, and a full disk
+        must fail the request that needs the table (as in QEMU, which writes it at once), not every later
+        flush.  Where the file system cannot preallocate, the first write of the table will."""
+        try:
+            os.posix_fallocate(self.fd, host_offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return
+            raise StorageError.from_oserror(exc, path=self.path,
+                                            action=f"preallocate {length} bytes at {host_offset:#x}") from exc
 
     def _fdatasync(self) -> None:
         try:
@@ -786,11 +799,27 @@ class Qcow2Image:
         self._check_range(guest_offset, len(view))
         if not len(view):
             return
-        cs = self.cluster_size
         first = guest_offset >> self.cluster_bits
         last = (guest_offset + len(view) - 1) >> self.cluster_bits
         segments: list[tuple[int, memoryview | bytearray]] = []
         updates: list[tuple[int, int, int]] = []  # (cluster index, descriptor, bitmap)
+        allocated: list[int] = []  # host offsets of new clusters: given back if the write fails
+        try:
+            self._map_for_write(view, guest_offset, first, last, segments, updates, allocated)
+            self._write_segments(segments)
+        except BaseException:
+            self._release_unlinked(allocated)
+            raise
+        if updates:
+            self._commit(updates)
+        if fua:
+            self.flush()
+
+    def _map_for_write(self, view: memoryview, guest_offset: int, first: int, last: int, segments: list,
+                       updates: list, allocated: list) -> None:
+        """pwrite's metadata step (under the lock): where each piece goes, new clusters for the pieces that
+        cannot be written in place (filled from the chain around a partial write), their L2 updates."""
+        cs = self.cluster_size
         with self.lock:
             cluster = first
             while cluster <= last:
@@ -805,6 +834,7 @@ class Qcow2Image:
                     in_place &= words[1 :: 2].astype(np.uint64) == np.uint64(fmt.L2_BITMAP_ALL_ALLOC)
                 need = np.flatnonzero(~in_place)
                 new_host = self._allocate(len(need)) if len(need) else 0
+                allocated.extend(new_host + k * cs for k in range(len(need)))
                 new_index = {int(i): new_host + k * cs for k, i in enumerate(need)}
                 for i in range(stop - cluster):
                     c = cluster + i
@@ -825,15 +855,6 @@ class Qcow2Image:
                         segments.append((host, whole))
                     updates.append((c, host | fmt.OFLAG_COPIED, fmt.L2_BITMAP_ALL_ALLOC))
                 cluster = stop
-        try:
-            self._write_segments(segments)
-        except BaseException:
-            self._release_unlinked([desc & fmt.L2E_OFFSET_MASK for _, desc, _ in updates])
-            raise
-        if updates:
-            self._commit(updates)
-        if fua:
-            self.flush()
 
     def _release_unlinked(self, hosts: list[int]) -> None:
         """Give back clusters allocated for a write that failed before anything pointed at them (QEMU's
@@ -893,6 +914,11 @@ class Qcow2Image:
                 raise UnsupportedFeature("shared L2 table (internal snapshot) cannot be written", path=self.path)
             return table
         host = self._allocate(1)
+        try:
+            self._reserve(host, self.cluster_size)
+        except StorageError:
+            self._release_unlinked([host])
+            raise
         table = Table(host, bytearray(self.cluster_size))
         table.dirty = True
         self._l2_cache[host] = table
@@ -940,6 +966,9 @@ class Qcow2Image:
             as_zero = todo & zero if self.has_zero_flag else np.zeros(count, dtype=bool)
             as_data = todo & ~as_zero
             n_data = int(np.count_nonzero(as_data))
+            # The L2 tables first: one that cannot be had (ENOSPC) fails the copy before any data is written.
+            for l1_index in {(first + int(i)) // self.l2_entries for i in np.flatnonzero(todo)}:
+                self._l2_table_for_write(l1_index)
             host = self._allocate(n_data) if n_data else 0
         if n_data:
             try:

@@ -1,12 +1,15 @@
 """The QMP monitor's socket loop: a unix socket, one thread per client, events broadcast to all.
 
 Only I/O lives here; framing and negotiation are ``vdisk.qmp.protocol``'s, the commands
-``vdisk.qmp.commands``'.  Every whole reply or event is written under the client's write lock, so messages
-never interleave.  A client that vanishes or stops reading is dropped without affecting the others.
+``vdisk.qmp.commands``'.  Each client has a reader thread (requests in, replies queued) and a writer thread
+that sends its queue: whole messages, one at a time, so they never interleave, and nobody else ever waits on
+this client's socket (a broadcast may run under the job lock).  A client that vanishes, leaves more than
+MAX_PENDING_BYTES unread, or blocks one send for SEND_TIMEOUT is dropped without affecting the others.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -20,23 +23,77 @@ log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 64
 SEND_TIMEOUT = 5.0
+MAX_PENDING_BYTES = 1 << 20  # replies and events a client may leave unread before it is dropped
 
 
 class _Client:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.core = protocol.QMPConnectionCore()
-        self.write_lock = threading.Lock()
         self.alive = True
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued_bytes = 0
+        self._closing = False
+        self._cond = threading.Condition()
+        self._writer = threading.Thread(target=self._write_loop, name="vdisk-qmp-writer", daemon=True)
+        self._writer.start()
 
     def send(self, data: bytes) -> None:
-        with self.write_lock:
-            if not self.alive:
+        """Queue one whole message for the writer thread; never blocks."""
+        with self._cond:
+            if not self.alive or self._closing:
                 return
+            if self._queued_bytes + len(data) > MAX_PENDING_BYTES:
+                log.warning("QMP client dropped: it left %d bytes of replies and events unread", self._queued_bytes)
+                self._drop()
+                return
+            self._queue.append(data)
+            self._queued_bytes += len(data)
+            self._cond.notify()
+
+    def _drop(self) -> None:
+        """Caller holds _cond.  The reader thread wakes up (its socket is shut down) and cleans up."""
+        self.alive = False
+        self._cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self.alive and not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self.alive or not self._queue:
+                    return
+                data = self._queue.popleft()
             try:
-                self.sock.sendall(data)
+                self.sock.sendall(data)  # SO_SNDTIMEO (set by the reader) bounds a client that stopped reading
             except OSError:
-                self.alive = False
+                with self._cond:
+                    self._drop()
+                return
+            with self._cond:
+                self._queued_bytes -= len(data)
+                self._cond.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until the writer has sent everything queued so far."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.alive and self._queued_bytes and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+
+    def close(self) -> None:
+        """Send what is still queued (the reply to a client that half-closed), then close the socket."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._writer.join()
+        with self._cond:
+            self.alive = False
+        self.sock.close()
 
 
 class MonitorServer:
@@ -75,6 +132,7 @@ class MonitorServer:
         with self._lock:
             clients = list(self._clients)
         for client in clients:
+            client.drain(1.0)  # the reply to `quit`, events about cancelled jobs
             try:
                 client.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -123,11 +181,10 @@ class MonitorServer:
         except OSError:
             pass
         finally:
-            client.alive = False
             with self._lock:
                 if client in self._clients:
                     self._clients.remove(client)
-            sock.close()
+            client.close()
 
 
 def _timeval(seconds: float) -> bytes:

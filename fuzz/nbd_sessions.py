@@ -239,7 +239,7 @@ def _requests(rng: random.Random, wire: w.Wire, model: Model, stats: Stats) -> N
                 wire.wait_closed()
                 stats.disconnects += 1
                 return
-            if length > 4 * MiB or rng.random() < 0.03:  # announce, send part of it, leave
+            if length > 4 * MiB or (length and rng.random() < 0.03):  # announce, send part of it, leave
                 wire.request(command, offset, length, flags=flags, cookie=cookie,
                              payload=bytes(rng.randrange(min(length, 4096))))
                 return

@@ -296,6 +296,18 @@ class Wire:
             if reply_type == REPLY_TYPE_NONE:
                 raise SpecViolation("NBD_REPLY_TYPE_NONE without the DONE flag")
 
+    def simple_reply_any(self, outstanding: dict[int, int]) -> Reply:
+        """One simple reply to any of the outstanding requests (cookie -> bytes a successful READ carries): a
+        server may answer pipelined requests in any order.  The answered cookie is removed."""
+        magic, error, cookie = SIMPLE_REPLY.unpack(self.recv_exact(SIMPLE_REPLY.size))
+        if magic != SIMPLE_REPLY_MAGIC:
+            raise SpecViolation(f"reply magic {magic:#x}")
+        if cookie not in outstanding:
+            raise SpecViolation(f"reply cookie {cookie:#x} answers no outstanding request")
+        self._check_error(error)
+        read_length = outstanding.pop(cookie)
+        return Reply(cookie, error, self.recv_exact(read_length) if read_length and not error else b"")
+
     @staticmethod
     def _check_cookie(got: int, sent: int) -> None:
         if got != sent:

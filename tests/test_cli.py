@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_clean, qemu_img_check, run, vdisk, vdisk_main
 
 pytestmark = pytest.mark.timeout(120)
@@ -271,19 +272,16 @@ def test_vdisk_check_repair_human_output_lists_what_was_repaired(written: Path, 
 
 def test_vdisk_check_on_a_served_image_needs_force_share(written: Path):
     """A writer holding QEMU's lock bytes makes check refuse without -U, as qemu-img does."""
-    import subprocess
-    import time
-
     # An interactive qemu-io holds the image open read-write (and its lock bytes) while it waits for input.
     writer = subprocess.Popen(["qemu-io", written], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while (probe := run("qemu-img", "check", written, check=False)).returncode == 0:
+        # Wait until qemu-img itself is refused for the lock (not for a header qemu-io is still rewriting).
+        while "lock" not in run("qemu-img", "check", written, check=False).stderr:
             assert time.monotonic() < deadline, "qemu-io never took its locks"
             time.sleep(0.05)
         proc = vdisk("check", str(written), check=False)
-        assert "lock" in probe.stderr, probe.stderr
         assert_one_line_error(proc, "lock")
         assert vdisk("check", "-U", str(written)).returncode == 0
     finally:
@@ -298,7 +296,7 @@ def test_vdisk_info_text_is_qemu_img_info_text(chain4: dict[str, Path], vd):
     top = chain4["D"]
     ours = vd("info", "--backing-chain", str(top)).stdout
     theirs = run("qemu-img", "info", "--backing-chain", top).stdout
-    strip = lambda text: [l for l in text.splitlines() if not l.startswith("disk size:")]  # noqa: E731, E741
+    strip = lambda text: [l for l in text.splitlines() if not l.startswith("disk size:")]
     assert strip(ours) == strip(theirs)
 
 

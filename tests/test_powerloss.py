@@ -22,16 +22,15 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_clean, qemu_raw, qmp_session, run, run_async, serve
 from powerloss.model import GuestClient, GuestModel, split_stripes
 from powerloss.replay import Recording
+
 from vdisk import chain, iolog
 from vdisk.blockdev import BlockDevice
 from vdisk.jobs.stream import StreamCopier
@@ -369,7 +368,10 @@ def recorded_run(work: Path, cluster_size: int, seed: int, monkeypatch) -> tuple
     return top, initial_file, model, log
 
 
-@pytest.mark.parametrize(("cluster_size", "seed"), [(65536, 1), (4096, 2), (512, 3)])
+RUNS = [(65536, 1), (4096, 2), (512, 3)] + ([(65536, 11), (4096, 12), (512, 13)] if DEEP else [])
+
+
+@pytest.mark.parametrize(("cluster_size", "seed"), RUNS)
 def test_power_loss_during_guest_io_and_a_stream_keeps_every_flushed_write(tmp_path, monkeypatch, cluster_size,
                                                                              seed):
     top, initial_file, model, log = recorded_run(tmp_path, cluster_size, seed, monkeypatch)
@@ -378,13 +380,15 @@ def test_power_loss_during_guest_io_and_a_stream_keeps_every_flushed_write(tmp_p
     assert recording_.syncs > 10 and recording_.markers > 5, (recording_.syncs, recording_.markers)
     rng = random.Random(seed)
     n = len(recording_.epochs)
-    if DEEP:
-        epochs, subsets, stream_every = None, 4, 7
-    else:
-        epochs = sorted(set(rng.sample(range(n), min(n, 12))) | {n - 1, n - 2})
-        subsets, stream_every = 1, 9
+    if DEEP:  # every barrier
+        epochs, subsets, singles, stream_every = None, 2, 8, 25
+    else:  # a sample, the barriers around header writes (the stream's switch), the last ones (clean close)
+        epochs = sorted(set(rng.sample(range(n), min(n, 10))) | set(recording_.epochs_writing(0, 512, around=1))
+                        | {n - 1, n - 2})
+        subsets, singles, stream_every = 1, 4, 9
     replayer = Replayer(tmp_path, top.name, top.parent, model)
-    replayer.run(recording_, initial_file, rng, subsets=subsets, epochs=epochs, stream_every=stream_every)
+    replayer.run(recording_, initial_file, rng, subsets=subsets, singles=singles, epochs=epochs,
+                 stream_every=stream_every)
     print(f"\npower loss, {cluster_size}-byte clusters: {recording_.writes} writes, {recording_.syncs} syncs, "
           f"{recording_.markers} guest flush/FUA markers; {replayer.states} states replayed over "
           f"{len(epochs) if epochs else n} barriers, {replayer.streamed} streamed after replay")

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_clean, qemu_img_check, qemu_img_compare, qemu_raw, run
+
 from vdisk import cli, errors
 from vdisk.chain import block_status, close_chain, nodes, open_chain
 from vdisk.qcow2 import format as fmt
@@ -210,9 +210,8 @@ def _zstd_convert(d: Path) -> Path:
 
 def _zlib_convert(d: Path) -> Path:
     src = d / "src.raw"
-    with open(src, "wb") as f:
-        for i in range(64):  # incompressible and compressible clusters side by side
-            f.write(os.urandom(32 * KiB) + bytes([i]) * (32 * KiB))
+    # incompressible and compressible halves side by side
+    src.write_bytes(b"".join(os.urandom(32 * KiB) + bytes([i]) * (32 * KiB) for i in range(64)))
     image = d / "img.qcow2"
     qemu_img("convert", "-c", "-O", "qcow2", "-o", "cluster_size=16k", src, image)
     return image
@@ -412,7 +411,7 @@ def assert_maps_equal(image: Path, capsys) -> None:
     assert code == 0
     keys = common_keys(theirs, ours)
     assert {"start", "length", "depth", "zero", "data"} <= keys
-    strip = lambda entries: [{k: v for k, v in e.items() if k in keys} for e in entries]  # noqa: E731
+    strip = lambda entries: [{k: v for k, v in e.items() if k in keys} for e in entries]
     assert strip(ours) == strip(theirs)
 
 
@@ -433,7 +432,7 @@ def test_vdisk_info_backing_chain_agrees_with_qemu_img_info(made: Made, built, c
     assert code == 0
     assert len(ours) == len(theirs)
     for node_ours, node_theirs in zip(ours, theirs):
-        pick = lambda info: {k: info.get(k) for k in INFO_KEYS}  # noqa: E731
+        pick = lambda info: {k: info.get(k) for k in INFO_KEYS}
         assert pick(node_ours) == pick(node_theirs)
 
 

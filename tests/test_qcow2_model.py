@@ -21,10 +21,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean, qemu_img_compare, qemu_map, qemu_raw, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_clean, qemu_img_compare, qemu_map, qemu_raw, run
 from vdisk.chain import chain_map, close_chain, open_chain
 from vdisk.qcow2.image import Qcow2Image
 from vdisk.raw import RawImage
@@ -190,8 +190,8 @@ def build_lower(directory: Path, level: int, lower: Lower, backing: tuple[str, s
         run(*create, path, str(lower.size))
         args = ["qemu-io", "-f", "qcow2"]
         if lower.compressed:  # first: qemu compresses only into unallocated clusters
-            args += ["-c", f"write -c -P 0x5c {lower.size // lower.cluster_size // 2 * lower.cluster_size} "
-                           f"{lower.cluster_size}"]
+            middle = lower.size // lower.cluster_size // 2 * lower.cluster_size
+            args += ["-c", f"write -c -P 0x5c {middle} {lower.cluster_size}"]
         for offset, length, pattern in lower.writes:
             args += ["-c", f"write -P {pattern} {offset} {length}"]
         run(*args, path)

@@ -15,7 +15,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         image=args.image, socket=args.socket, bind=args.bind, port=args.port, export_name=args.export_name,
         description=args.description, read_only=args.read_only, copy_on_read=args.copy_on_read,
         device=args.device, qmp=args.qmp, pid_file=args.pid_file, format=args.format,
-        serialize=not args.parallel,
+        serialize=not args.parallel, max_connections=args.max_connections, threads=args.threads,
     ))
 
 
@@ -95,6 +95,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qmp", help="QMP-compatible control socket path")
     p.add_argument("--pid-file")
     p.add_argument("--parallel", action="store_true", help="nbdkit's parallel thread model")
+    p.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="NBD clients connected at once (nbdkit's limit filter; 0 = no limit; default 64)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="requests in flight per connection with --parallel (nbdkit --threads; default 16)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stream", help="start a live block stream (QMP block-stream)")

@@ -34,10 +34,22 @@ def errno_for(exc: BaseException) -> int:
     return errno.EIO
 
 
+# Serialized requests.  nbdkit's SERIALIZE_ALL_REQUESTS model holds its global request lock across the whole NBD
+# handshake of each new connection (server/protocol-handshake.c, 1.32 and later), and nbdkit has no handshake
+# timeout: one client that connects and sends nothing would freeze every other client's I/O for as long as it
+# likes.  So nbdkit always runs PARALLEL and the serialization is ours: one lock around every data callback,
+# taken only once a request has arrived.  `vdisk serve` adds --threads 1, so a connection still has one
+# request in flight (nbdkit reads the next one after replying), as with nbdkit's serialized model.
+_request_lock = threading.Lock()
+
+
 def _guard(callback):
     @functools.wraps(callback)
     def wrapper(*args):
         try:
+            if _server.serialize:
+                with _request_lock:
+                    return callback(*args)
             return callback(*args)
         except Exception as exc:
             code = errno_for(exc)
@@ -66,7 +78,7 @@ def config_help():
 
 
 def thread_model():
-    return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS if _server.serialize else nbdkit.THREAD_MODEL_PARALLEL
+    return nbdkit.THREAD_MODEL_PARALLEL  # serialize=true is _request_lock's job (see above)
 
 
 def get_ready():

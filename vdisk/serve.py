@@ -14,6 +14,19 @@ Stopping.  nbdkit 1.32 alone would wait on SIGTERM until every client disconnect
 end of a pipe (plugin key ``stop-fd``); on SIGTERM/SIGINT/SIGHUP we close its write end (and forward the
 signal), and the plugin then ends idle connections too (``vdisk.nbdkit_plugin.stop_serving``).  If we die,
 the pipe closes all the same.
+
+Limits (what protects the server from its clients; tests/test_limits.py pins each one).  ``max_connections``
+(default 64) puts nbdkit's limit filter in front of the plugin: it counts connections that completed the
+handshake and refuses the next one (nbdkit closes it: "limit: too many clients").  nbdkit itself (1.32,
+server/protocol.c and protocol-handshake-newstyle.c) refuses a READ or WRITE over 64 MiB with ENOMEM (it reads
+and drops the payload of a refused write up to 128 MiB, closes the connection beyond), option data over 64
+MiB, more than 32 options in one handshake, names over 4096 bytes.  A connection has one request in flight
+when requests are serialized (the default: nbdkit --threads 1), at most ``threads`` (default 16) with
+``serialize=False``, each buffer at most 64 MiB: meanwhile nbdkit does not read the socket, so a client that
+pipelines more meets socket back-pressure, never unbounded buffering.  nbdkit has no handshake timeout (1.32 or later): a client
+that stalls in the handshake holds a thread and a socket, but no connection slot and no image, and it blocks
+nobody, because nbdkit runs its parallel model even when requests are serialized (nbdkit's serialized model
+would hold its global request lock across that handshake: see ``vdisk.nbdkit_plugin``).
 """
 
 from __future__ import annotations
@@ -51,6 +64,8 @@ class ServeOptions:
     format: str | None = None
     serialize: bool = True
     socket_mode: int = 0o600
+    max_connections: int = 64  # nbdkit's limit filter (see limits); 0 = no limit
+    threads: int | None = None  # nbdkit --threads: requests in flight per connection, parallel model only
 
 
 def python_path() -> str:
@@ -68,6 +83,11 @@ def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: s
     if nbdkit is None:
         raise GenericError("nbdkit is not installed (Debian: apt-get install nbdkit nbdkit-plugin-python)")
     cmd = [nbdkit, "--foreground", "--exit-with-parent", "--log=stderr"]
+    if opts.max_connections:
+        cmd.append("--filter=limit")
+    threads = opts.threads or (1 if opts.serialize else None)  # serialized: one request in flight per connection
+    if threads:
+        cmd += ["--threads", str(threads)]
     if opts.socket:
         cmd += ["--unix", socket or opts.socket]
     else:
@@ -80,6 +100,8 @@ def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: s
     cmd += ["python", str(PLUGIN), f"image={opts.image}", f"device={opts.device}",
             f"readonly={str(opts.read_only).lower()}", f"copy-on-read={str(opts.copy_on_read).lower()}",
             f"serialize={str(opts.serialize).lower()}"]
+    if opts.max_connections:
+        cmd.append(f"limit={opts.max_connections}")
     if opts.format:
         cmd.append(f"format={opts.format}")
     if opts.qmp:

@@ -30,7 +30,7 @@ class Server:
         "copy-on-read=BOOL   guest reads fill the active image from its backing chain\n"
         "qmp=PATH            a QMP-compatible control socket (unix)\n"
         "description=TEXT    the NBD export description\n"
-        "serialize=BOOL      nbdkit thread model serialize_all_requests (default) or parallel"
+        "serialize=BOOL      one request at a time across all connections (default) or parallel"
     )
 
     def __init__(self) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import random
 import threading
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 import nbd
 import numpy as np
@@ -114,7 +115,7 @@ class GuestClient:
     power-loss test appends it to the I/O log as a marker).
     """
 
-    WEIGHTS = {"write": 6, "fua_write": 1, "zero": 2, "trim": 1, "flush": 1, "read": 2}
+    WEIGHTS: ClassVar[dict[str, int]] = {"write": 6, "fua_write": 1, "zero": 2, "trim": 1, "flush": 1, "read": 2}
 
     def __init__(self, uri: str, model: GuestModel, stripes: list[int], stripe_size: int, cluster_size: int,
                  rng: random.Random, on_durable: Callable[[str], None] | None = None):

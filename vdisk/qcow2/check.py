@@ -20,6 +20,7 @@ import struct
 
 import numpy as np
 
+from vdisk.errors import VdiskError
 from vdisk.qcow2 import format as fmt
 from vdisk.qcow2.image import Qcow2Image
 
@@ -201,7 +202,7 @@ def _check_copied(image: Qcow2Image, refcounts: np.ndarray, result: CheckResult,
                 result.corruptions += 1
         try:
             table = image._l2_table(l1_index)
-        except Exception:  # already counted as a check error by _count_l1
+        except VdiskError:  # unreadable: already counted as a check error by _count_l1
             continue
         if table is None:
             continue

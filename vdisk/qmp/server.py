@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 64
 SEND_TIMEOUT = 5.0
-MAX_PENDING_BYTES = 1 << 20  # replies and events a client may leave unread before it is dropped
+# Replies and events a client may leave unread before it is dropped (one message is always accepted: the reply
+# to a request of the maximum size, whose id it echoes, is that large).
+MAX_PENDING_BYTES = 2 * protocol.DEFAULT_MAX_MESSAGE_SIZE
 
 
 class _Client:
@@ -43,7 +45,7 @@ class _Client:
         with self._cond:
             if not self.alive or self._closing:
                 return
-            if self._queued_bytes + len(data) > MAX_PENDING_BYTES:
+            if self._queue and self._queued_bytes + len(data) > MAX_PENDING_BYTES:
                 log.warning("QMP client dropped: it left %d bytes of replies and events unread", self._queued_bytes)
                 self._drop()
                 return

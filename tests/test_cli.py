@@ -276,7 +276,7 @@ def test_vdisk_check_on_a_served_image_needs_force_share(written: Path):
     writer = subprocess.Popen(["qemu-io", written], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a loaded 2-core CI machine starts qemu-io slowly
         # Wait until qemu-img itself is refused for the lock (not for a header qemu-io is still rewriting).
         while "lock" not in run("qemu-img", "check", written, check=False).stderr:
             assert time.monotonic() < deadline, "qemu-io never took its locks"

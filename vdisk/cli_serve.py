@@ -16,6 +16,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         description=args.description, read_only=args.read_only, copy_on_read=args.copy_on_read,
         device=args.device, qmp=args.qmp, pid_file=args.pid_file, format=args.format,
         serialize=not args.parallel, max_connections=args.max_connections, threads=args.threads,
+        tls=args.tls, tls_creds=args.tls_creds, tls_psk=args.tls_psk,
+        allow_backing_dirs=tuple(args.allow_backing_dir or ()),
     ))
 
 
@@ -95,6 +97,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qmp", help="QMP-compatible control socket path")
     p.add_argument("--pid-file")
     p.add_argument("--parallel", action="store_true", help="nbdkit's parallel thread model")
+    p.add_argument("--tls", choices=["off", "on", "require"], default="off",
+                   help="NBD over TLS (with --tls-creds or --tls-psk; default then: require)")
+    p.add_argument("--tls-creds", help="x509 directory: ca-cert.pem, server-cert.pem, server-key.pem (QEMU's layout)")
+    p.add_argument("--tls-psk", help="PSK file of username:hexkey lines (QEMU's keys.psk)")
+    p.add_argument("--allow-backing-dir", action="append",
+                   help="backing files must lie below this directory (repeatable; default: anywhere)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="NBD clients connected at once (nbdkit's limit filter; 0 = no limit; default 64)")
     p.add_argument("--threads", type=int, metavar="N",

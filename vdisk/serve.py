@@ -65,6 +65,10 @@ class ServeOptions:
     serialize: bool = True
     socket_mode: int = 0o600
     max_connections: int = 64  # nbdkit's limit filter (see limits); 0 = no limit
+    tls: str = "off"  # off | on | require: nbdkit's own TLS (GnuTLS)
+    tls_creds: str | None = None  # x509 directory as QEMU's tls-creds-x509: ca-cert.pem, server-cert.pem, server-key.pem
+    tls_psk: str | None = None  # PSK file, "username:hexkey" lines (QEMU's keys.psk)
+    allow_backing_dirs: tuple[str, ...] = ()  # backing files must lie below one of these (empty: anywhere)
     threads: int | None = None  # nbdkit --threads: requests in flight per connection, parallel model only
 
 
@@ -95,6 +99,14 @@ def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: s
     cmd += ["--exportname", opts.export_name]
     if opts.read_only:
         cmd.append("--readonly")
+    if opts.tls_creds or opts.tls_psk:
+        cmd.append(f"--tls={'require' if opts.tls == 'off' else opts.tls}")
+        if opts.tls_creds:
+            cmd.append(f"--tls-certificates={opts.tls_creds}")
+        if opts.tls_psk:
+            cmd.append(f"--tls-psk={opts.tls_psk}")
+    elif opts.tls != "off":
+        raise GenericError(f"--tls={opts.tls} needs --tls-creds DIR or --tls-psk FILE")
     if pid_file or opts.pid_file:
         cmd += ["--pidfile", pid_file or opts.pid_file]
     cmd += ["python", str(PLUGIN), f"image={opts.image}", f"device={opts.device}",
@@ -104,6 +116,8 @@ def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: s
         cmd.append(f"limit={opts.max_connections}")
     if opts.format:
         cmd.append(f"format={opts.format}")
+    for directory in opts.allow_backing_dirs:
+        cmd.append(f"allow-backing-dir={os.path.abspath(directory)}")
     if opts.qmp:
         cmd.append(f"qmp={opts.qmp}")
     if opts.description is not None:
@@ -149,7 +163,8 @@ def _publish(opts: ServeOptions, private_socket: str | None) -> None:
 def serve(opts: ServeOptions) -> int:
     """Run the server in the foreground; returns nbdkit's exit status."""
     # Fail fast, with our one-line error, on an image that cannot be served (also repairs a dirty image).
-    chain.close_chain(chain.open_chain(opts.image, opts.format, read_only=opts.read_only))
+    chain.close_chain(chain.open_chain(opts.image, opts.format, read_only=opts.read_only,
+                                       allowed_dirs=[os.path.abspath(d) for d in opts.allow_backing_dirs] or None))
     for path in (opts.socket, opts.qmp, opts.pid_file):
         if path and os.path.exists(path):
             os.unlink(path)

@@ -30,6 +30,7 @@ class Server:
         "copy-on-read=BOOL   guest reads fill the active image from its backing chain\n"
         "qmp=PATH            a QMP-compatible control socket (unix)\n"
         "description=TEXT    the NBD export description\n"
+        "allow-backing-dir=DIR  backing files must lie below DIR (repeatable)\n"
         "serialize=BOOL      one request at a time across all connections (default) or parallel"
     )
 
@@ -42,6 +43,7 @@ class Server:
         self.qmp_path: str | None = None
         self.description: str | None = None
         self.serialize = True
+        self.allowed_dirs: list[str] | None = None  # backing files must lie below these (None: anywhere)
         self.devices: dict[str, BlockDevice] = {}
         self.job_lock = threading.RLock()  # QEMU's job_mutex: every job call and event emission
         self.monitor = None
@@ -63,12 +65,14 @@ class Server:
             self.copy_on_read = value.lower() in _TRUE
         elif key == "qmp":
             self.qmp_path = os.path.abspath(value)
+        elif key == "allow-backing-dir":
+            self.allowed_dirs = [*(self.allowed_dirs or []), os.path.abspath(value)]
         elif key == "description":
             self.description = value
         elif key == "serialize":
             self.serialize = value.lower() in _TRUE
         else:
-            raise GenericError(f"unknown parameter {key!r}; known: image, format, device, readonly, "
+            raise GenericError(f"unknown parameter {key!r}; known: image, format, device, readonly, allow-backing-dir, "
                                "copy-on-read, qmp, description, serialize")
 
     def config_complete(self) -> None:
@@ -80,7 +84,7 @@ class Server:
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def open(self) -> None:
-        top = chain.open_chain(self.image, self.format, read_only=self.read_only)
+        top = chain.open_chain(self.image, self.format, read_only=self.read_only, allowed_dirs=self.allowed_dirs)
         self.devices[self.device_name] = BlockDevice(
             self.device_name, top, read_only=self.read_only, copy_on_read=self.copy_on_read
         )

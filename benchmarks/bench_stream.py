@@ -233,6 +233,7 @@ class Server:
 class VdiskServer(Server):
     name = "vdisk"
     extra: list[str] = []
+    root = ROOT  # the source tree whose vdisk is served (another one: --vdisk-tree NAME=PATH)
 
     @property
     def uri(self) -> str:
@@ -244,7 +245,7 @@ class VdiskServer(Server):
 
     def start(self) -> None:
         env_pp = os.environ.get("PYTHONPATH", "")
-        os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env_pp if env_pp else "")
+        os.environ["PYTHONPATH"] = str(self.root) + (os.pathsep + env_pp if env_pp else "")
         try:
             super().start()
         finally:
@@ -535,9 +536,18 @@ def render_table(summary: dict, meta: dict) -> str:
     lines.append("|---|---|---|---|---|---|")
     for kind, label in (("full", "full"), ("base", "with base")):
         row = summary[kind]
-        lines.append(f"| {label} | {fmt(row['vdisk']['stream_s'])} | {fmt(row['qsd']['stream_s'])} | "
+        lines.append(f"| {label} | {fmt(row.get('vdisk', {}).get('stream_s'))} | "
+                     f"{fmt(row.get('qsd', {}).get('stream_s'))} | "
                      f"{fmt(row['cp']['cp_s'])} ({fmt(row['cp']['cp_sync_s'])}) `{row['cp']['source']}` | "
                      f"{fmt(row['vdisk/qsd'])} | {fmt(row['vdisk/cp'])} ({fmt(row['vdisk/cp+sync'])}) |")
+    others = [s for s in meta["servers"] if s not in ("vdisk", "qsd")]
+    if others:
+        lines += ["", "| stream | " + " | ".join(f"{s} s (all runs)" for s in ["vdisk", *others]) + " |",
+                  "|---|" + "---|" * (1 + len(others))]
+        for kind, label in (("full", "full"), ("base", "with base")):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{fmt(summary[kind].get(s, {}).get('stream_s'))} {summary[kind].get(s, {}).get('stream_s_all')}"
+                for s in ["vdisk", *others]) + " |")
     lines += ["", "Guest during the stream (a separate run per load; idle = the same server before the stream):", ""]
     lines.append("| stream | server | seq read MiB/s idle -> during (fraction) | 4K read p50 ms idle -> during | "
                  "p99 ms | max ms | max ms in the last 1 s (switch) |")
@@ -564,9 +574,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="full,base")
     p.add_argument("--vdisk-arg", action="append", default=[], help="extra argument for vdisk serve")
     p.add_argument("--name", default="stream", help="result file stem")
+    p.add_argument("--vdisk-tree", action="append", default=[], metavar="NAME=PATH",
+                   help="also serve the vdisk of another source tree (e.g. a checkout of an older commit) as NAME")
+    p.add_argument("--reuse-chain", action="store_true", help="use the chain already in --workdir")
     args = p.parse_args(argv)
     VdiskServer.extra = args.vdisk_arg
-    servers = args.servers.split(",")
+    for spec in args.vdisk_tree:
+        tree_name, _, tree_path = spec.partition("=")
+        SERVERS[tree_name] = type(f"Vdisk_{tree_name}", (VdiskServer,),
+                                  {"name": tree_name, "root": Path(tree_path).resolve()})
+    servers = args.servers.split(",") + [spec.partition("=")[0] for spec in args.vdisk_tree]
     loads, kinds = args.loads.split(","), args.kinds.split(",")
     size = int(args.size_gib * 2**30) // CLUSTER * CLUSTER
     out = Path(args.out)
@@ -577,8 +594,11 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vdisk-bench-", dir="/var/tmp")))
-        log(f"building the chain ({size >> 20} MiB) in {workdir}")
-        chain = build_chain(workdir, size)
+        if args.reuse_chain:
+            chain = {"size": size, "cluster_size": CLUSTER, "reused": str(workdir)}
+        else:
+            log(f"building the chain ({size >> 20} MiB) in {workdir}")
+            chain = build_chain(workdir, size)
         log(f"chain: {chain}")
         runs: list[dict] = []
         for rep in range(args.reps):

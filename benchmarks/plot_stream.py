@@ -1,7 +1,8 @@
 """Plot a ``bench_stream.py`` result: the guest's view of a stream, both servers, over time.
 
 Rows: full stream, stream with base.  Left: sequential read throughput (100 ms bins) of the ``seq`` load run;
-right: the slowest 4 KiB random read of each 100 ms bin (and the median, thin) of the ``rand`` load run.  Time 0
+right: the slowest 4 KiB random read completing in each 100 ms bin (and the median, thin) of the ``rand`` load
+run; a read slower than 50 ms is also drawn as a bar from its start to its completion.  Time 0
 is the block-stream command; a dashed line marks each server's BLOCK_JOB_COMPLETED.  The run shown for each
 (server, stream, load) is the one whose stream time is the median of its repetitions.
 
@@ -41,11 +42,17 @@ def plot(result: dict, out: Path) -> None:
                     ax_tp.axhline(idle, color=color, ls=":", lw=1)
             rnd = series.get(f"{server}/{kind}/rand")
             if rnd:
-                pts = [(t, v) for t, v in zip(rnd["t"], rnd["lat_max_ms"]) if v is not None]
-                ax_lat.step([t for t, _ in pts], [v for _, v in pts], where="post", color=color, lw=1.2,
-                            label=f"{LABELS.get(server, server)} (max per 100 ms)")
-                med = [(t, v) for t, v in zip(rnd["t"], rnd["lat_p50_ms"]) if v is not None]
-                ax_lat.step([t for t, _ in med], [v for _, v in med], where="post", color=color, lw=0.6, alpha=0.6)
+                # bins are by completion time; a bin without completions is a gap (nan), not a low value
+                nan = float("nan")
+                ax_lat.step(rnd["t"], [nan if v is None else v for v in rnd["lat_max_ms"]], where="post",
+                            color=color, lw=1.2, label=f"{LABELS.get(server, server)} (max per 100 ms)")
+                ax_lat.step(rnd["t"], [nan if v is None else v for v in rnd["lat_p50_ms"]], where="post",
+                            color=color, lw=0.6, alpha=0.6)
+                # a request slower than the target is drawn as a bar from its start to its completion
+                for t, v in zip(rnd["t"], rnd["lat_max_ms"]):
+                    if v is not None and v > 50:
+                        done = t + 0.1
+                        ax_lat.hlines(v, done - v / 1000, done, color=color, lw=3, alpha=0.5)
                 ax_lat.axvline(rnd["stream_s"], color=color, ls="--", lw=1)
         ax_tp.set_title(f"{title}: guest sequential reads (256 KiB x 8), idle dotted")
         ax_tp.set_ylabel("MiB/s")

@@ -31,7 +31,9 @@ from vdisk.jobs import stream  # noqa: E402
 from vdisk.qcow2 import image as qimage  # noqa: E402
 
 TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
+SPANS: list[tuple[str, float, float]] = []  # (label, start, end) of the calls made while finishing
 COUNTS: dict[tuple[str, str], int] = collections.defaultdict(int)
+FINISHING = [False]
 
 
 def timed(owner, attr: str, label: str) -> None:
@@ -44,8 +46,11 @@ def timed(owner, attr: str, label: str) -> None:
         try:
             return original(*args, **kwargs)
         finally:
+            now = time.perf_counter()
             role = "writer" if threading.current_thread().name.startswith("vdisk-stream-write") else "job"
-            TIMES[(role, label)] += time.perf_counter() - t
+            TIMES[(role, label)] += now - t
+            if FINISHING[0]:
+                SPANS.append((label, t, now))
             COUNTS[(role, label)] += 1
 
     setattr(owner, attr, wrapper)
@@ -70,9 +75,30 @@ def instrument() -> None:
     timed(qimage.Qcow2Image, "_flush_metadata", "flush metadata")
     timed(qimage.Qcow2Image, "set_backing", "set_backing (header + fdatasync)")
     timed(qimage.Qcow2Image, "_pwrite", "_pwrite (metadata writes)")
+    timed(BlockDevice, "quiesced", "quiesced (enter)")
 
 
-def one(workdir: Path, kind: str, chunk: int, writeback: float | None = None) -> dict:
+class GuestReader(threading.Thread):
+    """4 KiB reads at random offsets through the block device, back to back, each timed (a QD1 guest)."""
+
+    def __init__(self, device: BlockDevice):
+        super().__init__(name="guest-reader", daemon=True)
+        self.device, self.stop, self.samples = device, False, []
+
+    def run(self) -> None:
+        import random
+
+        rng = random.Random(7)
+        buf = bytearray(4096)
+        blocks = self.device.size // 4096
+        while not self.stop:
+            offset = rng.randrange(blocks) * 4096
+            t = time.perf_counter()
+            self.device.pread(buf, offset)
+            self.samples.append((t, time.perf_counter() - t))
+
+
+def one(workdir: Path, kind: str, chunk: int, writeback: float | None = None, guest: bool = False) -> dict:
     image = workdir / "profile-run.qcow2"
     shutil.copyfile(workdir / "top.qcow2", image)
     with open(image, "rb+") as f:
@@ -87,6 +113,12 @@ def one(workdir: Path, kind: str, chunk: int, writeback: float | None = None) ->
     COUNTS.clear()
     bench_stream.prefault()
     copier = stream.StreamCopier(device, base, chunk=chunk)
+    reader = None
+    if guest:
+        device.cor_active, device.cor_base = True, base  # as the stream job does: reads copy too
+        reader = GuestReader(device)
+        reader.start()
+        time.sleep(0.5)
     if writeback is not None:
         copier.writeback_every = int(writeback * 2**20)
     t0 = time.perf_counter()
@@ -98,13 +130,28 @@ def one(workdir: Path, kind: str, chunk: int, writeback: float | None = None) ->
     t1 = time.perf_counter()
     cpu1 = time.process_time()
     fdatasync_before = TIMES[("job", "fdatasync")]
+    SPANS.clear()
+    FINISHING[0] = True
     copier.finish()
+    FINISHING[0] = False
     t2 = time.perf_counter()
+    if reader is not None:
+        time.sleep(0.3)
+        reader.stop = True
+        reader.join()
+        device.cor_active = False
     copier.close()
     device.close()
     image.unlink()
     out = {"copy_s": t1 - t0, "copy_cpu_s": cpu1 - cpu0, "finish_s": t2 - t1, "total_s": t2 - t0,
            "finish_fdatasync_s": TIMES[("job", "fdatasync")] - fdatasync_before}
+    if reader is not None:
+        lat = [(t, d) for t, d in reader.samples]
+        during = [d for t, d in lat if t0 <= t < t1]
+        ending = [(t, d) for t, d in lat if t + d > t1 and t < t2]
+        out["guest"] = {"copy_max_ms": 1000 * max(during, default=0), "copy_n": len(during),
+                        "finish_max_ms": 1000 * max((d for _, d in ending), default=0), "finish_n": len(ending)}
+    out["spans"] = [(label, round(1000 * (a - t1), 1), round(1000 * (b - a), 1)) for label, a, b in SPANS]
     out["phases"] = {f"{role}: {label}": (secs, COUNTS[(role, label)]) for (role, label), secs in TIMES.items()}
     return out
 
@@ -115,14 +162,19 @@ def main() -> int:
     p.add_argument("--kind", default="full", choices=["full", "base"])
     p.add_argument("--chunk", type=float, default=stream.CHUNK / 2**20, help="MiB")
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--guest", action="store_true", help="a QD1 4 KiB random reader thread during the stream")
     p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
     p.add_argument("--writeback", type=float, default=None, help="MiB between writeback kicks (0: off)")
     args = p.parse_args()
     instrument()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    results = [one(Path(args.workdir), args.kind, int(args.chunk * 2**20), args.writeback) for _ in range(args.reps)]
+    results = [one(Path(args.workdir), args.kind, int(args.chunk * 2**20), args.writeback, args.guest) for _ in range(args.reps)]
     for r in results:
+        if "guest" in r:
+            print(f"guest 4K reads: max {r['guest']['copy_max_ms']:.1f} ms while copying ({r['guest']['copy_n']}),"
+                  f" max {r['guest']['finish_max_ms']:.1f} ms while finishing ({r['guest']['finish_n']})")
+        print("finish, ms after the copy ended (start, duration):", r["spans"])
         print(f"copy {r['copy_s']:.2f} s (cpu {r['copy_cpu_s']:.2f} s)  finish {r['finish_s']:.2f} s (fdatasyncs {r['finish_fdatasync_s']:.2f} s)"
               f"  total {r['total_s']:.2f} s")
     print(f"median total {statistics.median(r['total_s'] for r in results):.2f} s")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import struct
+from typing import Self
 
 # --- "Handshake" -------------------------------------------------------------------------------------------
 
@@ -138,7 +139,7 @@ class Wire:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> Wire:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

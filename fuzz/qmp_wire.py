@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from typing import Self
 
 SYNC = b'\x01\r\n{"execute": "query-version", "id": "%s"}\r\n'  # a control character resyncs the parser
 
@@ -25,7 +26,7 @@ class RawQmp:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> RawQmp:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -57,7 +58,7 @@ class RawQmp:
             else:
                 return msg
 
-    def execute(self, command: str, arguments: dict | None = None, id: object = "x") -> dict:  # noqa: A002
+    def execute(self, command: str, arguments: dict | None = None, id: object = "x") -> dict:
         request = {"execute": command, "id": id}
         if arguments is not None:
             request["arguments"] = arguments

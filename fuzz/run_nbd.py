@@ -101,7 +101,7 @@ def main() -> int:
         if failure is None and "Traceback" in log:
             failure = "Python traceback in the server's stderr:\n" + log[log.index("Traceback") - 200:][:3000]
         check = json.loads(subprocess.run(["qemu-img", "check", "--output=json", str(top)], capture_output=True,
-                                          text=True).stdout or "{}")
+                                          text=True, check=False).stdout or "{}")
         if failure is None and (check.get("corruptions") or check.get("leaks") or check.get("check-errors")):
             failure = f"qemu-img check: {check}"
         print(json.dumps({"seed": args.seed, "seconds": args.seconds, "parallel": args.parallel,

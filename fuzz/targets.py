@@ -12,6 +12,7 @@ reads fill exactly the buffer they were given).  Bounded time and memory are the
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ SCHEMAS = sorted(COMMANDS.items())
 
 # Small limits so short inputs reach the size and nesting limits too.
 QMP_LIMITS = {"max_message_size": 2048, "max_nesting": 48}
+BYTEWISE_MAX = 256  # inputs up to this long are also fed one byte at a time
 
 
 # --- QMP framing and arguments -----------------------------------------------------------------------------------
@@ -77,9 +79,9 @@ def qmp_framing(data: bytes) -> None:
     whole = _replies(QMPConnectionCore(capabilities=("oob",), **QMP_LIMITS), [data])
     bounds = [0, *_cuts(data), len(data)]
     chunked = _replies(QMPConnectionCore(capabilities=("oob",), **QMP_LIMITS),
-                       [data[a:b] for a, b in zip(bounds, bounds[1:])])
+                       [data[a:b] for a, b in itertools.pairwise(bounds)])
     assert chunked == whole, (whole, chunked)
-    if len(data) <= 256:
+    if len(data) <= BYTEWISE_MAX:
         bytewise = _replies(QMPConnectionCore(capabilities=("oob",), **QMP_LIMITS),
                             [data[i:i + 1] for i in range(len(data))])
         assert bytewise == whole, (whole, bytewise)

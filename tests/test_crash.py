@@ -121,9 +121,11 @@ def crash_trial(work: Path, template: Template, seed: int, with_stream: bool, fi
         async def stream_then_kill() -> None:
             async with qmp_session(served.qmp) as qmp:
                 await asyncio.sleep(rng.uniform(0.0, 0.3))
-                speed = rng.choice([2 * MiB, 4 * MiB, 8 * MiB, 8 * MiB, 0])  # 0: unlimited, killed near the switch
+                # ~7 MiB to copy: killed while copying at 1-4 MiB/s, about half the time at 8 MiB/s, and near
+                # or after the switch unlimited (0)
+                speed = rng.choice([1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 0])
                 await qmp.execute("block-stream", {"device": "drive0", "speed": speed})
-                await asyncio.sleep(rng.uniform(0.05, 1.5))
+                await asyncio.sleep(rng.uniform(0.05, 1.0))
                 os.kill(nbdkit_pid(served), signal.SIGKILL)
                 stream_state["events"] = qmp.sequence("drive0")
 

@@ -24,15 +24,14 @@ from pathlib import Path
 
 import nbd
 import pytest
-
 from conftest import ROOT, Served, assert_clean, run, serve
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fuzz import nbd_sessions  # noqa: E402
-from fuzz import nbd_wire as w  # noqa: E402
-from fuzz.nbd_sessions import WINDOW, Model  # noqa: E402
+from fuzz import nbd_sessions
+from fuzz import nbd_wire as w
+from fuzz.nbd_sessions import WINDOW, Model
 
 pytestmark = pytest.mark.timeout(150)
 

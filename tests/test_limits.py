@@ -19,17 +19,16 @@ from pathlib import Path
 
 import nbd
 import pytest
-
 from conftest import ROOT, Served, assert_clean, nbdkit_pid, run, serve
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fuzz import nbd_wire as w  # noqa: E402
-from fuzz.qmp_wire import RawQmp  # noqa: E402
-from vdisk.qmp import protocol  # noqa: E402
-from vdisk.qmp.server import MAX_CLIENTS  # noqa: E402
-from vdisk.serve import ServeOptions, nbdkit_command  # noqa: E402
+from fuzz import nbd_wire as w
+from fuzz.qmp_wire import RawQmp
+from vdisk.qmp import protocol
+from vdisk.qmp.server import MAX_CLIENTS
+from vdisk.serve import ServeOptions, nbdkit_command
 
 pytestmark = pytest.mark.timeout(120)
 

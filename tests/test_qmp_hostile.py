@@ -19,15 +19,14 @@ from pathlib import Path
 
 import nbd
 import pytest
-
 from conftest import ROOT, Served, assert_clean, qemu_img_compare, qemu_raw, serve
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fuzz.qmp_wire import RawQmp  # noqa: E402
-from vdisk.qmp.commands import COMMANDS  # noqa: E402
-from vdisk.qmp.protocol import EnumType  # noqa: E402
+from fuzz.qmp_wire import RawQmp
+from vdisk.qmp.commands import COMMANDS
+from vdisk.qmp.protocol import EnumType
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -232,12 +231,19 @@ def test_clients_that_never_read_do_not_delay_the_job_or_other_clients(chain4, t
             completed = observer.wait_event("BLOCK_JOB_COMPLETED")
             took = time.monotonic() - start
             assert "error" not in completed["data"], completed
-            assert answered < 1.0, f"block-stream answered after {answered:.2f} s"
+            # the old loop took SEND_TIMEOUT (5 s) per stalled broadcast; what is left is the flood's CPU time
+            assert answered < 3.0, f"block-stream answered after {answered:.2f} s"
             assert took < 8.0, f"stream completed after {took:.2f} s"
             for _ in range(20):
                 start = time.monotonic()
                 observer.execute("query-block-jobs")
-                assert time.monotonic() - start < 1.0
+                assert time.monotonic() - start < 2.0
+            stop.set()
+            for qmp in stuck[:2]:  # the monitor dropped them: reading what it had sent ends in EOF (or a reset:
+                qmp.sock.settimeout(15)  # it closed with their requests unread)
+                with contextlib.suppress(ConnectionResetError):
+                    while qmp.sock.recv(1 << 20):
+                        pass
         finally:
             stop.set()
             for qmp in stuck:

@@ -133,7 +133,7 @@ def close_chain(top: Backend) -> None:
     for node in list(nodes(top)):
         try:
             node.close()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - raised below, once every node is closed
             first_error = first_error or exc
     if first_error is not None:
         raise first_error

@@ -80,12 +80,11 @@ class _Client:
                 self._queued_bytes -= len(data)
                 self._cond.notify_all()
 
-    def drain(self, timeout: float) -> None:
-        """Wait (at most ``timeout``) until the writer has sent everything queued so far."""
-        deadline = time.monotonic() + timeout
+    def drain(self, deadline: float) -> None:
+        """Wait (until the ``time.monotonic()`` deadline at most) for the writer to send what is queued."""
         with self._cond:
             while self.alive and self._queued_bytes and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         """Send what is still queued (the reply to a client that half-closed), then close the socket."""
@@ -133,8 +132,9 @@ class MonitorServer:
             self._listener.close()
         with self._lock:
             clients = list(self._clients)
+        deadline = time.monotonic() + 1.0  # for all clients together: the reply to `quit`, the last events
         for client in clients:
-            client.drain(1.0)  # the reply to `quit`, events about cancelled jobs
+            client.drain(deadline)
             try:
                 client.sock.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -39,6 +39,10 @@ Usage::
 
     .venv/bin/python benchmarks/bench_stream.py [--size-gib 2] [--reps 3] [--workdir DIR] [--out DIR]
     .venv/bin/python benchmarks/plot_stream.py benchmarks/results/stream.json
+
+    # vdisk against itself: this tree and another one (e.g. an older commit's checkout), on a kept chain
+    .venv/bin/python benchmarks/bench_stream.py --servers vdisk --vdisk-tree before=/tmp/old-tree \
+        --loads none,rand --workdir DIR --reuse-chain --name stream_before_after
 """
 
 from __future__ import annotations
@@ -111,8 +115,8 @@ def build_chain(workdir: Path, size: int, seed: int = 4) -> dict:
     raw = workdir / "base.raw"
     with open(raw, "wb") as f:
         block = 64 << 20
-        for offset in range(0, size, block):
-            f.write(rng.integers(1, 256, min(block, size - offset), dtype=np.uint8).tobytes())
+        f.writelines(rng.integers(1, 256, min(block, size - offset), dtype=np.uint8).tobytes()
+                     for offset in range(0, size, block))
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={CLUSTER}", raw, workdir / "base.qcow2")
     raw.unlink()
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", workdir / "mid.qcow2")
@@ -188,8 +192,9 @@ class Server:
 
         for p in (self.socket, self.qmp, self.pid_file):
             p.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=open(self.stderr, "w"),
-                                     cwd=self.image.parent)
+        with open(self.stderr, "w") as log_file:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log_file,
+                                         cwd=self.image.parent)
         deadline = time.monotonic() + 60
         while not (self.pid_file.exists() and self.pid_file.stat().st_size and self.socket.exists()
                    and self.qmp.exists()):
@@ -232,7 +237,7 @@ class Server:
 
 class VdiskServer(Server):
     name = "vdisk"
-    extra: list[str] = []
+    extra: tuple[str, ...] = ()  # more `vdisk serve` arguments (--vdisk-arg)
     root = ROOT  # the source tree whose vdisk is served (another one: --vdisk-tree NAME=PATH)
 
     @property
@@ -428,15 +433,15 @@ def summarise_load(rec: dict, idle_from: float, t0: float, t1: float) -> dict:
 def _percentiles(lat: np.ndarray) -> dict:
     if not len(lat):
         return {"n": 0}
-    return {"n": int(len(lat)), "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+    return {"n": len(lat), "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
             "max": float(lat.max())}
 
 
 def verify(workdir: Path, image: Path, kind: str) -> dict:
     """The streamed image reads like the unstreamed chain, is clean, and has the expected backing file."""
     info = json.loads(run("qemu-img", "info", "--output=json", image).stdout)
-    same = subprocess.run(["qemu-img", "compare", "-q", image, workdir / "top.qcow2"]).returncode == 0
-    clean = subprocess.run(["qemu-img", "check", "-q", image], capture_output=True).returncode == 0
+    same = subprocess.run(["qemu-img", "compare", "-q", image, workdir / "top.qcow2"], check=False).returncode == 0
+    clean = subprocess.run(["qemu-img", "check", "-q", image], capture_output=True, check=False).returncode == 0
     backing = info.get("backing-filename")
     ok = same and clean and (backing is None if kind == "full" else backing is not None and
                              os.path.samefile(workdir / backing if not os.path.isabs(backing) else backing,
@@ -530,8 +535,8 @@ def fmt(x, spec=".2f", none="-"):
 
 def render_table(summary: dict, meta: dict) -> str:
     size_gib = meta["chain"]["size"] / 2**30
-    lines = [f"Stream of a {size_gib:g} GiB chain (base full, mid 25 %, top 5 %), medians of {meta['reps']} "
-             f"repetitions, servers alternated; times to BLOCK_JOB_COMPLETED.", ""]
+    lines = [(f"Stream of a {size_gib:g} GiB chain (base full, mid 25 %, top 5 %), medians of {meta['reps']} "
+              f"repetitions, servers alternated; times to BLOCK_JOB_COMPLETED."), ""]
     lines.append("| stream | vdisk s | qsd s | cp s (cp+sync) | vdisk/qsd | vdisk/cp (cp+sync) |")
     lines.append("|---|---|---|---|---|---|")
     for kind, label in (("full", "full"), ("base", "with base")):
@@ -578,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also serve the vdisk of another source tree (e.g. a checkout of an older commit) as NAME")
     p.add_argument("--reuse-chain", action="store_true", help="use the chain already in --workdir")
     args = p.parse_args(argv)
-    VdiskServer.extra = args.vdisk_arg
+    VdiskServer.extra = tuple(args.vdisk_arg)
     for spec in args.vdisk_tree:
         tree_name, _, tree_path = spec.partition("=")
         SERVERS[tree_name] = type(f"Vdisk_{tree_name}", (VdiskServer,),

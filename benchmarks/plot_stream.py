@@ -19,7 +19,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 COLORS = {"vdisk": "tab:blue", "qsd": "tab:orange"}
 LABELS = {"vdisk": "vdisk", "qsd": "qemu-storage-daemon"}

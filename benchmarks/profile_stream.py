@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_stream  # noqa: E402
-from vdisk import chain, native  # noqa: E402
-from vdisk.blockdev import BlockDevice  # noqa: E402
-from vdisk.jobs import stream  # noqa: E402
-from vdisk.qcow2 import image as qimage  # noqa: E402
+import bench_stream
+
+from vdisk import chain, native
+from vdisk.blockdev import BlockDevice
+from vdisk.jobs import stream
+from vdisk.qcow2 import image as qimage
 
 TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
 SPANS: list[tuple[str, float, float]] = []  # (label, start, end) of the calls made while finishing
@@ -149,7 +150,10 @@ def one(workdir: Path, kind: str, chunk: int, writeback: float | None = None, gu
         lat = [(t, d) for t, d in reader.samples]
         during = [d for t, d in lat if t0 <= t < t1]
         ending = [(t, d) for t, d in lat if t + d > t1 and t < t2]
+        ordered = sorted(during) or [0.0]
         out["guest"] = {"copy_max_ms": 1000 * max(during, default=0), "copy_n": len(during),
+                        "copy_p50_ms": 1000 * ordered[len(ordered) // 2],
+                        "copy_p99_ms": 1000 * ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)],
                         "finish_max_ms": 1000 * max((d for _, d in ending), default=0), "finish_n": len(ending)}
     out["spans"] = [(label, round(1000 * (a - t1), 1), round(1000 * (b - a), 1)) for label, a, b in SPANS]
     out["phases"] = {f"{role}: {label}": (secs, COUNTS[(role, label)]) for (role, label), secs in TIMES.items()}
@@ -172,7 +176,8 @@ def main() -> int:
     results = [one(Path(args.workdir), args.kind, int(args.chunk * 2**20), args.writeback, args.guest) for _ in range(args.reps)]
     for r in results:
         if "guest" in r:
-            print(f"guest 4K reads: max {r['guest']['copy_max_ms']:.1f} ms while copying ({r['guest']['copy_n']}),"
+            print(f"guest 4K reads: p50 {r['guest']['copy_p50_ms']:.3f} p99 {r['guest']['copy_p99_ms']:.2f}"
+                  f" max {r['guest']['copy_max_ms']:.1f} ms while copying ({r['guest']['copy_n']}),"
                   f" max {r['guest']['finish_max_ms']:.1f} ms while finishing ({r['guest']['finish_n']})")
         print("finish, ms after the copy ended (start, duration):", r["spans"])
         print(f"copy {r['copy_s']:.2f} s (cpu {r['copy_cpu_s']:.2f} s)  finish {r['finish_s']:.2f} s (fdatasyncs {r['finish_fdatasync_s']:.2f} s)"

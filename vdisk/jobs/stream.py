@@ -44,6 +44,7 @@ from vdisk.blockdev import COPY, BlockDevice
 from vdisk.errors import BackingChainError, DeviceNotActive, GenericError
 from vdisk.qcow2 import format as fmt
 from vdisk.qcow2.image import Qcow2Image
+import itertools
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def find_base(device: BlockDevice, base: str | None = None, base_node: Backend |
     if base is None:
         return None
     nodes = list(chain.nodes(top if top is not None else device.top))
-    for above, node in zip(nodes, nodes[1:]):
+    for above, node in itertools.pairwise(nodes):
         stored = getattr(above, "header", None) and above.header.backing_file
         if stored == base or os.path.abspath(base) == os.path.abspath(node.path) or _same_file(base, node.path):
             return node
@@ -267,7 +268,7 @@ class Piece:
     COMPRESSED), or ``kind`` None with ``node`` the base (read through it) or None (reads as zeros).
     ``held``: allocated above the base (what a stream copies)."""
 
-    __slots__ = ("start", "stop", "node", "kind", "host", "held")
+    __slots__ = ("held", "host", "kind", "node", "start", "stop")
 
     def __init__(self, start, stop, node, kind, host, held):
         self.start, self.stop, self.node, self.kind, self.host, self.held = start, stop, node, kind, host, held

@@ -66,6 +66,7 @@ def main() -> None:
 def _image_target(write: bool):
     def make():
         base = (HERE / "corpus" / "qcow2_image" / "v3-512.qcow2").read_bytes()
+        targets.ImageWorkdir.remove_stale()
         workdir = targets.ImageWorkdir(base)
         atexit.register(workdir.cleanup)
         return lambda data: targets.qcow2_image(data, workdir, write=write)

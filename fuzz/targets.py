@@ -143,8 +143,7 @@ class ImageWorkdir:
     backing name the seeds use, plus a sentinel file: nothing but the image may ever change in it."""
 
     def __init__(self, base_image: bytes):
-        parent = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.path = Path(tempfile.mkdtemp(prefix="vdisk-fuzz-", dir=parent))
+        self.path = Path(tempfile.mkdtemp(prefix=f"vdisk-fuzz-{os.getpid()}-", dir=self.parent()))
         self.image = self.path / "fuzz.qcow2"
         (self.path / "base.qcow2").write_bytes(base_image)
         (self.path / "sentinel").write_bytes(b"must not change")
@@ -164,6 +163,18 @@ class ImageWorkdir:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    @staticmethod
+    def parent() -> str | None:
+        return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+    @classmethod
+    def remove_stale(cls) -> None:
+        """Remove the directories of harness processes that are gone (libFuzzer exits without atexit)."""
+        for path in Path(cls.parent() or tempfile.gettempdir()).glob("vdisk-fuzz-*-*"):
+            pid = path.name.split("-")[2]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _read_everywhere(top) -> None:

@@ -10,6 +10,7 @@ PACKAGES=(
     nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin
     python3-venv python3-dev gcc
     busybox-static cpio zstd
+    fio openssl
 )
 
 missing=()

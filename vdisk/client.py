@@ -28,8 +28,8 @@ class Monitor:
         try:
             return self._qmp.cmd(name, **args)
         except ExecuteError as exc:
-            error = QMPError(exc.error.desc)
-            error.qmp_class = exc.error.class_
+            error = QMPError(str(exc))
+            error.qmp_class = exc.error_class
             raise error from None
 
     def hmp(self, line: str) -> str:

@@ -1,5 +1,13 @@
 PYTHON ?= .venv/bin/python
 
+# --- the deep runs (README: "Reliability"); CI runs the short, seeded versions of the same tests ---------------
+.PHONY: deep deep-tests
+deep: deep-tests fuzz-deep
+
+deep-tests:
+	VDISK_DEEP=1 $(PYTHON) -m pytest -s tests/test_crash.py tests/test_powerloss.py tests/test_enospc.py \
+		tests/test_qcow2_model.py tests/test_soak.py
+
 # --- fuzzing (fuzz/) ---------------------------------------------------------------------------------------
 # CI runs the short, seeded versions (tests/test_fuzz_*.py, tests/test_qmp_hostile.py, tests/test_limits.py).
 # fuzz-deep runs every atheris target for FUZZ_SECONDS each (coverage-guided, scratch corpus in fuzz/work/

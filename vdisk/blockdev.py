@@ -23,8 +23,8 @@ Range lock (``RangeLock``), over guest byte ranges, three modes:
   image lock and skips it) or waits until the copy is linked and then overwrites it.  A guest write is
   therefore never overwritten by backing data.
 * Guest reads take READ over exactly their range: they never wait for the copier (the copy does not change
-  what the guest sees) and wait at most for one overlapping guest write, or one COPY unit when copy-on-read
-  turns the read itself into a copy.
+  what the guest sees) and wait at most for one overlapping guest write.  Copy-on-read turns a read into a
+  copy only when its COPY lock is free at once (``try_acquire``); otherwise it reads the plain way.
 * Switching the chain (snapshot, the end of a stream, reopening an intermediate node read-write for a stream
   into it and read-only after) takes WRITE over the whole disk: it waits for requests in flight and holds new
   ones for the switch only (a header write and an fdatasync; the bulk flush happens before, without the lock).
@@ -80,6 +80,15 @@ class RangeLock:
                 s < end and start < e and (m, mode) in _CONFLICTS for s, e, m in self._held
             ):
                 self._cond.wait()
+            self._held.append(token)
+        return token
+
+    def try_acquire(self, start: int, end: int, mode: str) -> tuple[int, int, str] | None:
+        """``acquire`` without waiting: None when a conflicting range is held."""
+        token = (start, end, mode)
+        with self._cond:
+            if any(s < end and start < e and (m, mode) in _CONFLICTS for s, e, m in self._held):
+                return None
             self._held.append(token)
         return token
 
@@ -163,7 +172,12 @@ class BlockDevice:
         count = -(-(end - start) // cs)
         if not top.unallocated_clusters(first, count).any():
             return False
-        with self.ranges.hold(start, end, COPY):
+        # Never wait for a copy: when the copier (or a guest write) holds part of the range, this read goes
+        # the plain way (READ does not conflict with COPY) and leaves the copying to the copier.
+        token = self.ranges.try_acquire(start, end, COPY)
+        if token is None:
+            return False
+        try:
             wanted = self.copy_wanted(start, end, self.cor_base)
             if not wanted.any():
                 return False
@@ -187,6 +201,8 @@ class BlockDevice:
             # Read from the active image itself: clusters of the range that were already allocated there
             # (or partly, with subclusters) must come from it, not from the backing data just read.
             top.pread(view, offset)
+        finally:
+            self.ranges.release(token)
         return True
 
     def copy_wanted(self, start: int, end: int, base: Backend | None, target: Qcow2Image | None = None) -> np.ndarray:

@@ -301,60 +301,30 @@ def block_job_complete(server, device: str) -> None:
         _verb(server, job, job.complete)
 
 
-@command("block-job-finalize", {"id": "str"})
-def block_job_finalize(server, id: str) -> None:  # noqa: A002 - QMP's argument name
-    with server.job_lock:
-        job = find_block_job(server, id)
-        _verb(server, job, job.finalize)
+def _job_verb_command(find: Callable, verb: Callable) -> Handler:
+    """A command that looks a job up by its ``id`` (``find``) and applies one verb to it."""
+
+    def run(server, id: str) -> None:  # noqa: A002 - QMP's argument name
+        with server.job_lock:
+            job = find(server, id)
+            _verb(server, job, lambda: verb(job))
+
+    return run
 
 
-@command("block-job-dismiss", {"id": "str"})
-def block_job_dismiss(server, id: str) -> None:  # noqa: A002
-    with server.job_lock:
-        job = find_block_job(server, id)
-        _verb(server, job, job.dismiss)
-
-
-@command("job-pause", {"id": "str"})
-def job_pause(server, id: str) -> None:  # noqa: A002
-    with server.job_lock:
-        job = find_job(server, id)
-        _verb(server, job, job.user_pause)
-
-
-@command("job-resume", {"id": "str"})
-def job_resume(server, id: str) -> None:  # noqa: A002
-    with server.job_lock:
-        job = find_job(server, id)
-        _verb(server, job, job.user_resume)
-
-
-@command("job-cancel", {"id": "str"})
-def job_cancel(server, id: str) -> None:  # noqa: A002
-    with server.job_lock:
-        job = find_job(server, id)
-        _verb(server, job, lambda: job.cancel(True))
-
-
-@command("job-complete", {"id": "str"})
-def job_complete(server, id: str) -> None:  # noqa: A002
-    with server.job_lock:
-        job = find_job(server, id)
-        _verb(server, job, job.complete)
-
-
-@command("job-finalize", {"id": "str"})
-def job_finalize(server, id: str) -> None:  # noqa: A002
-    with server.job_lock:
-        job = find_job(server, id)
-        _verb(server, job, job.finalize)
-
-
-@command("job-dismiss", {"id": "str"})
-def job_dismiss(server, id: str) -> None:  # noqa: A002
-    with server.job_lock:
-        job = find_job(server, id)
-        _verb(server, job, job.dismiss)
+# The commands that name a job by id and take no other argument: one table instead of a function each.
+_ID_VERBS: dict[str, tuple[Callable, Callable]] = {
+    "block-job-finalize": (find_block_job, lambda job: job.finalize()),
+    "block-job-dismiss": (find_block_job, lambda job: job.dismiss()),
+    "job-pause": (find_job, lambda job: job.user_pause()),
+    "job-resume": (find_job, lambda job: job.user_resume()),
+    "job-cancel": (find_job, lambda job: job.cancel(True)),
+    "job-complete": (find_job, lambda job: job.complete()),
+    "job-finalize": (find_job, lambda job: job.finalize()),
+    "job-dismiss": (find_job, lambda job: job.dismiss()),
+}
+for _name, (_find, _apply) in _ID_VERBS.items():
+    command(_name, {"id": "str"})(_job_verb_command(_find, _apply))
 
 
 # --- live snapshot ----------------------------------------------------------------------------------

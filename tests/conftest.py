@@ -99,12 +99,18 @@ def serve(image: Path | str, *extra: str, qmp: bool = False, timeout: float = 30
 
 @pytest.fixture
 def chain4(tmp_path: Path) -> dict[str, Path]:
+    """The brief's chain [A] -> [B] -> [C] -> [D] in tmp_path (see make_chain4)."""
+    return make_chain4(tmp_path)
+
+
+def make_chain4(directory: Path) -> dict[str, Path]:
     """The brief's chain [A] -> [B] -> [C] -> [D], 8 MiB, made by qemu-img/qemu-io, with relative names.
 
     A holds pattern 0xA1 in its first half, B rewrites clusters with 0xB2 and zeroes one, C writes 0xC3 and
     a compressed cluster; D (active) is empty.
     """
-    paths = {name: tmp_path / f"{name}.qcow2" for name in "ABCD"}
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: directory / f"{name}.qcow2" for name in "ABCD"}
     run("qemu-img", "create", "-q", "-f", "qcow2", paths["A"], "8M")
     run("qemu-io", "-c", "write -P 0xa1 0 4M", paths["A"])
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", paths["B"])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import chain_info, qemu_map, qemu_raw, qmp_session, run, run_async, serve
+from conftest import chain_info, make_chain4, qemu_map, qemu_raw, qmp_session, run_async, serve
 
 QSD = shutil.which("qemu-storage-daemon")
 pytestmark = [pytest.mark.timeout(120), pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon not installed")]
@@ -34,17 +34,8 @@ DISK = 8 * MiB
 
 
 def make_chain(directory: Path) -> Path:
-    """A <- B <- C <- D as in conftest.chain4 (data, a zero cluster, a compressed cluster)."""
-    directory.mkdir()
-    paths = {name: directory / f"{name}.qcow2" for name in "ABCD"}
-    run("qemu-img", "create", "-q", "-f", "qcow2", paths["A"], "8M")
-    run("qemu-io", "-c", "write -P 0xa1 0 4M", paths["A"])
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", paths["B"])
-    run("qemu-io", "-c", "write -P 0xb2 1M 1M", "-c", "write -z 3M 64k", "-c", "write -P 0xb3 6M 512k", paths["B"])
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "B.qcow2", "-F", "qcow2", paths["C"])
-    run("qemu-io", "-c", "write -P 0xc3 1536k 256k", "-c", "write -c -P 0xc4 7M 64k", paths["C"])
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "C.qcow2", "-F", "qcow2", paths["D"])
-    return paths["D"]
+    """A <- B <- C <- D as in conftest.chain4 (data, a zero cluster, a compressed cluster); returns D."""
+    return make_chain4(directory)["D"]
 
 
 @contextlib.contextmanager

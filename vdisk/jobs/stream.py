@@ -43,7 +43,7 @@ from vdisk.backend import Backend
 from vdisk.blockdev import COPY, BlockDevice
 from vdisk.errors import BackingChainError, DeviceNotActive, GenericError
 from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.qcow2.image import Qcow2Image, zero_fill
 import itertools
 
 log = logging.getLogger(__name__)
@@ -337,21 +337,18 @@ def _read_pieces(view: memoryview, chunk_start: int, pieces: list[Piece], spans:
             j += 1
             lo, hi = max(a, p.start), min(b, p.stop)
             if lo > cursor:
-                _zero_fill(view[cursor - chunk_start : lo - chunk_start])
+                zero_fill(view[cursor - chunk_start : lo - chunk_start])
             cursor = hi
             dst = view[lo - chunk_start : hi - chunk_start]
             if p.node is None or p.kind == fmt.KIND_ZERO:
-                _zero_fill(dst)
+                zero_fill(dst)
             elif p.kind == fmt.KIND_DATA and isinstance(p.node, Qcow2Image):
                 p.node._pread_into(dst, p.host + lo - p.start)
             else:
                 p.node.pread(dst, lo)
         if b > cursor:
-            _zero_fill(view[cursor - chunk_start : b - chunk_start])
+            zero_fill(view[cursor - chunk_start : b - chunk_start])
 
-
-def _zero_fill(view: memoryview) -> None:
-    np.frombuffer(view, dtype=np.uint8)[:] = 0
 
 _SYNC_FILE_RANGE_WRITE = 2
 _libc = None

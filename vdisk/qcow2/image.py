@@ -730,7 +730,7 @@ class Qcow2Image:
             if kind == fmt.KIND_DATA:
                 self._pread_into(dst, host)
             elif kind == fmt.KIND_ZERO:
-                _zero_fill(dst)
+                zero_fill(dst)
             elif kind == fmt.KIND_UNALLOCATED:
                 self.read_backing(dst, start)
             else:
@@ -742,12 +742,12 @@ class Qcow2Image:
         """What an unallocated range reads as: the backing file, zeros past its end or without one."""
         backing = self.backing
         if backing is None or guest_offset >= backing.size:
-            _zero_fill(dst)
+            zero_fill(dst)
             return
         inside = min(len(dst), backing.size - guest_offset)
         backing.pread(dst[:inside], guest_offset)
         if inside < len(dst):
-            _zero_fill(dst[inside:])
+            zero_fill(dst[inside:])
 
     def _decompress(self, entry: int) -> bytes:
         cached = self._decompressed
@@ -874,7 +874,7 @@ class Qcow2Image:
         length = min(self.cluster_size, self.size - c_start)
         self.pread(dst[:length], c_start)
         if length < self.cluster_size:
-            _zero_fill(dst[length:])
+            zero_fill(dst[length:])
 
     def _write_segments(self, segments: list[tuple[int, memoryview | bytearray]]) -> None:
         """One pwritev per host-contiguous run of segments."""
@@ -1205,6 +1205,7 @@ def _first_cluster(header: fmt.Header, backing_file: str | None, path: str) -> b
     return packed + name
 
 
-def _zero_fill(view: memoryview) -> None:
+def zero_fill(view: memoryview) -> None:
+    """Zero a buffer in place (numpy, no Python loop)."""
     if len(view):
         np.frombuffer(view, dtype=np.uint8)[:] = 0

@@ -277,10 +277,14 @@ def test_vdisk_check_on_a_served_image_needs_force_share(written: Path):
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60  # a loaded 2-core CI machine starts qemu-io slowly
-        # Wait until qemu-img itself is refused for the lock (not for a header qemu-io is still rewriting).
-        while "lock" not in run("qemu-img", "check", written, check=False).stderr:
+        # Wait until qemu-io holds its OFD lock bytes, watching /proc/locks: probing with qemu-img (which takes
+        # lock bytes itself) could make qemu-io's own open fail, the race that made this test flaky.
+        inode = f":{written.stat().st_ino} "
+        while not any("OFDLCK" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()):
+            assert writer.poll() is None, "qemu-io exited before taking its locks"
             assert time.monotonic() < deadline, "qemu-io never took its locks"
             time.sleep(0.05)
+        time.sleep(0.2)  # qemu-io takes its lock bytes one by one: let it finish
         proc = vdisk("check", str(written), check=False)
         assert_one_line_error(proc, "lock")
         assert vdisk("check", "-U", str(written)).returncode == 0

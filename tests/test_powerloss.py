@@ -288,7 +288,7 @@ def test_flush_racing_a_write_does_not_link_data_it_did_not_sync(tmp_path, recor
     w = threading.Thread(target=writer)
     w.start()
     deadline = time.monotonic() + 20
-    while not image._refblock_cache or not any(b.dirty for b in image._refblock_cache.values()):
+    while not image._refblock_cache.dirty():
         assert time.monotonic() < deadline
         time.sleep(0.01)
     guest.flush()  # another flush makes the allocation's refcount durable: no refblock left dirty

@@ -46,6 +46,7 @@ import numpy as np
 from vdisk import chain, native
 from vdisk.backend import Backend
 from vdisk.errors import GenericError, OutOfRange, ReadOnlyError, StorageError, VdiskError
+from vdisk.qcow2.cache import CacheOptions
 from vdisk.qcow2.image import Qcow2Image
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,11 @@ class RangeLock:
 class BlockDevice:
     """A named guest disk over a chain.  Callbacks are shaped like nbdkit's (see vdisk.nbdkit_plugin)."""
 
-    def __init__(self, name: str, top: Backend, *, read_only: bool = False, copy_on_read: bool = False):
+    def __init__(self, name: str, top: Backend, *, read_only: bool = False, copy_on_read: bool = False,
+                 cache: CacheOptions = CacheOptions()):
         self.name = name
         self.top = top
+        self.cache = cache  # the qcow2 cache options of every node this device opens (reopen, snapshot)
         self.read_only = read_only
         self.copy_on_read = copy_on_read
         self.ranges = RangeLock()
@@ -289,9 +292,9 @@ class BlockDevice:
         with self.quiesced():
             node.close()  # flushes a writable node first
             try:
-                new = chain.open_node(node.path, node.format_name, read_only=read_only)
+                new = chain.open_node(node.path, node.format_name, read_only=read_only, cache=self.cache)
             except VdiskError:
-                new = chain.open_node(node.path, node.format_name, read_only=node.read_only)
+                new = chain.open_node(node.path, node.format_name, read_only=node.read_only, cache=self.cache)
                 _adopt(new, node, above)
                 raise
             _adopt(new, node, above)

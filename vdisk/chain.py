@@ -20,6 +20,7 @@ import numpy as np
 from vdisk.backend import Backend
 from vdisk.errors import BackingChainError, FormatError, StorageError
 from vdisk.qcow2 import format as fmt
+from vdisk.qcow2.cache import CacheOptions
 from vdisk.qcow2.image import Qcow2Image
 from vdisk.raw import RawImage
 
@@ -36,10 +37,12 @@ def probe_format(path: str) -> str:
     return "qcow2" if magic == fmt.MAGIC else "raw"
 
 
-def open_node(path: str, fmt_name: str | None = None, *, read_only: bool, force_share: bool = False) -> Backend:
+def open_node(path: str, fmt_name: str | None = None, *, read_only: bool, force_share: bool = False,
+              cache: CacheOptions = CacheOptions()) -> Backend:
+    """Open one node.  ``cache``: the qcow2 metadata cache options (QEMU's), ignored by raw."""
     fmt_name = fmt_name or probe_format(path)
     if fmt_name == "qcow2":
-        return Qcow2Image.open(path, read_only=read_only, force_share=force_share)
+        return Qcow2Image.open(path, read_only=read_only, force_share=force_share, cache=cache)
     if fmt_name == "raw":
         return RawImage.open(path, read_only=read_only, force_share=force_share)
     raise FormatError(f"unknown image format {fmt_name!r} (vdisk knows qcow2 and raw)", path=path)
@@ -60,10 +63,15 @@ def open_chain(
     force_share: bool = False,
     allowed_dirs: Sequence[str] | None = None,
     max_depth: int = MAX_CHAIN_DEPTH,
+    cache: CacheOptions = CacheOptions(),
 ) -> Backend:
-    """Open ``path`` (read-write unless read_only) and its backing files (always read-only)."""
+    """Open ``path`` (read-write unless read_only) and its backing files (always read-only).
+
+    ``cache`` applies to every qcow2 node of the chain (QEMU applies -drive options to the top node and
+    ``backing.*`` options below it; one setting for all is what the tests and users of vdisk need).
+    """
     seen: dict[tuple[int, int], str] = {}
-    top = open_node(path, fmt_name, read_only=read_only, force_share=force_share)
+    top = open_node(path, fmt_name, read_only=read_only, force_share=force_share, cache=cache)
     node = top
     try:
         _remember(seen, node.path)
@@ -97,7 +105,8 @@ def open_chain(
                     f"backing file loop: {target} is already in the chain (as {seen[key]})", path=node.path
                 )
             seen[key] = target
-            backing = open_node(target, node.header.backing_format, read_only=True, force_share=force_share)
+            backing = open_node(target, node.header.backing_format, read_only=True, force_share=force_share,
+                                cache=cache)
             node.backing = backing
             node = backing
     except BaseException:
@@ -235,13 +244,13 @@ def _metadata_preallocated(node: Qcow2Image) -> bool:
     end_cluster = -(-st.st_size // node.cluster_size)
     per_block = node.refcount_block_entries
     counted = 0
-    with node.lock:
-        for rt_index in range(-(-end_cluster // per_block)):
+    for rt_index in range(-(-end_cluster // per_block)):
+        with node.lock:  # one section per block: the cache may evict between them
             block = node._refblock(rt_index)
             if block is not None:
                 counted += int(np.count_nonzero(block.values()[: end_cluster - rt_index * per_block]))
-            if counted >= threshold:
-                break
+        if counted >= threshold:
+            break
     _PREALLOCATED[node] = counted >= threshold
     return counted >= threshold
 

@@ -7,22 +7,30 @@ import sys
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from vdisk.qcow2.cache import CacheOptions
     from vdisk.serve import ServeOptions, serve
+    from vdisk.units import parse_size
 
     if args.socket and args.bind:
         raise SystemExit("vdisk serve: give --socket or --bind, not both")
+    cache = CacheOptions(
+        cache_size=parse_size(args.cache_size) if args.cache_size else None,
+        l2_cache_size=parse_size(args.l2_cache_size) if args.l2_cache_size else None,
+        refcount_cache_size=parse_size(args.refcount_cache_size) if args.refcount_cache_size else None,
+        cache_clean_interval=args.cache_clean_interval,
+    )
     return serve(ServeOptions(
         image=args.image, socket=args.socket, bind=args.bind, port=args.port, export_name=args.export_name,
         description=args.description, read_only=args.read_only, copy_on_read=args.copy_on_read,
         device=args.device, qmp=args.qmp, pid_file=args.pid_file, format=args.format,
         serialize=not args.parallel, max_connections=args.max_connections, threads=args.threads,
         tls=args.tls, tls_creds=args.tls_creds, tls_psk=args.tls_psk,
-        allow_backing_dirs=tuple(args.allow_backing_dir or ()),
+        allow_backing_dirs=tuple(args.allow_backing_dir or ()), cache=cache,
     ))
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from vdisk.cli import parse_size
+    from vdisk.units import parse_size
     from vdisk.client import Monitor, wait_for_job
 
     with Monitor(args.qmp) as monitor:
@@ -107,6 +115,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="NBD clients connected at once (nbdkit's limit filter; 0 = no limit; default 64)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="requests in flight per connection with --parallel (nbdkit --threads; default 16)")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="qcow2 metadata cache, L2 + refcount (QEMU's cache-size; per qcow2 node of the chain)")
+    p.add_argument("--l2-cache-size", metavar="SIZE",
+                   help="qcow2 L2 table cache (default: enough for the whole disk, at most 32M)")
+    p.add_argument("--refcount-cache-size", metavar="SIZE",
+                   help="qcow2 refcount block cache (default: 4 clusters)")
+    p.add_argument("--cache-clean-interval", type=int, default=600, metavar="SECONDS",
+                   help="drop cached metadata tables unused for this long (default 600; 0 = never)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stream", help="start a live block stream (QMP block-stream)")

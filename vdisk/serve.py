@@ -44,6 +44,7 @@ from pathlib import Path
 import vdisk
 from vdisk import chain
 from vdisk.errors import GenericError
+from vdisk.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
 
 PLUGIN = Path(vdisk.__file__).with_name("nbdkit_plugin.py")
 
@@ -70,6 +71,7 @@ class ServeOptions:
     tls_psk: str | None = None  # PSK file, "username:hexkey" lines (QEMU's keys.psk)
     allow_backing_dirs: tuple[str, ...] = ()  # backing files must lie below one of these (empty: anywhere)
     threads: int | None = None  # nbdkit --threads: requests in flight per connection, parallel model only
+    cache: CacheOptions = CacheOptions()  # QEMU's qcow2 cache options, for every qcow2 node of the chain
 
 
 def python_path() -> str:
@@ -122,6 +124,12 @@ def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: s
         cmd.append(f"qmp={opts.qmp}")
     if opts.description is not None:
         cmd.append(f"description={opts.description}")
+    for key, value in (("cache-size", opts.cache.cache_size), ("l2-cache-size", opts.cache.l2_cache_size),
+                       ("refcount-cache-size", opts.cache.refcount_cache_size)):
+        if value is not None:
+            cmd.append(f"{key}={value}")
+    if opts.cache.cache_clean_interval != DEFAULT_CACHE_CLEAN_INTERVAL:
+        cmd.append(f"cache-clean-interval={opts.cache.cache_clean_interval}")
     if stop_fd is not None:
         cmd.append(f"stop-fd={stop_fd}")
     return cmd
@@ -163,7 +171,7 @@ def _publish(opts: ServeOptions, private_socket: str | None) -> None:
 def serve(opts: ServeOptions) -> int:
     """Run the server in the foreground; returns nbdkit's exit status."""
     # Fail fast, with our one-line error, on an image that cannot be served (also repairs a dirty image).
-    chain.close_chain(chain.open_chain(opts.image, opts.format, read_only=opts.read_only,
+    chain.close_chain(chain.open_chain(opts.image, opts.format, read_only=opts.read_only, cache=opts.cache,
                                        allowed_dirs=[os.path.abspath(d) for d in opts.allow_backing_dirs] or None))
     for path in (opts.socket, opts.qmp, opts.pid_file):
         if path and os.path.exists(path):

@@ -15,6 +15,8 @@ import threading
 from vdisk import chain
 from vdisk.blockdev import BlockDevice
 from vdisk.errors import DeviceNotFound, GenericError, VdiskError
+from vdisk.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
+from vdisk.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,13 @@ class Server:
         "qmp=PATH            a QMP-compatible control socket (unix)\n"
         "description=TEXT    the NBD export description\n"
         "allow-backing-dir=DIR  backing files must lie below DIR (repeatable)\n"
-        "serialize=BOOL      one request at a time across all connections (default) or parallel"
+        "serialize=BOOL      one request at a time across all connections (default) or parallel\n"
+        "cache-size=SIZE     qcow2 L2 + refcount cache, as QEMU's cache-size (per qcow2 node)\n"
+        "l2-cache-size=SIZE  qcow2 L2 cache (default: covers the disk, at most 32M)\n"
+        "refcount-cache-size=SIZE  qcow2 refcount cache (default: 4 clusters)\n"
+        "cache-clean-interval=SECONDS  drop cache entries unused this long (default 600, 0 = never)"
     )
+    _CACHE_KEYS = ("cache-size", "l2-cache-size", "refcount-cache-size")
 
     def __init__(self) -> None:
         self.image: str | None = None
@@ -44,6 +51,10 @@ class Server:
         self.description: str | None = None
         self.serialize = True
         self.allowed_dirs: list[str] | None = None  # backing files must lie below these (None: anywhere)
+        self._cache_settings: dict[str, int] = {}  # QEMU's qcow2 cache option names -> bytes or seconds
+        self.cache = CacheOptions()
+        self._cache_cleaner: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.devices: dict[str, BlockDevice] = {}
         self.job_lock = threading.RLock()  # QEMU's job_mutex: every job call and event emission
         self.monitor = None
@@ -71,22 +82,37 @@ class Server:
             self.description = value
         elif key == "serialize":
             self.serialize = value.lower() in _TRUE
+        elif key in self._CACHE_KEYS:
+            self._cache_settings[key] = parse_size(value)
+        elif key == "cache-clean-interval":
+            try:
+                self._cache_settings[key] = int(value)
+            except ValueError:
+                raise GenericError(f"cache-clean-interval must be a whole number of seconds, not {value!r}") from None
         else:
             raise GenericError(f"unknown parameter {key!r}; known: image, format, device, readonly, allow-backing-dir, "
-                               "copy-on-read, qmp, description, serialize")
+                               "copy-on-read, qmp, description, serialize, cache-size, l2-cache-size, "
+                               "refcount-cache-size, cache-clean-interval")
 
     def config_complete(self) -> None:
         if not self.image:
             raise GenericError("image=PATH is required")
+        settings = self._cache_settings
+        self.cache = CacheOptions(
+            cache_size=settings.get("cache-size"), l2_cache_size=settings.get("l2-cache-size"),
+            refcount_cache_size=settings.get("refcount-cache-size"),
+            cache_clean_interval=settings.get("cache-clean-interval", DEFAULT_CACHE_CLEAN_INTERVAL),
+        )
         logging.basicConfig(level=os.environ.get("VDISK_LOG_LEVEL", "WARNING"),
                             format="vdisk[%(process)d]: %(levelname)s: %(name)s: %(message)s")
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def open(self) -> None:
-        top = chain.open_chain(self.image, self.format, read_only=self.read_only, allowed_dirs=self.allowed_dirs)
+        top = chain.open_chain(self.image, self.format, read_only=self.read_only, allowed_dirs=self.allowed_dirs,
+                               cache=self.cache)
         self.devices[self.device_name] = BlockDevice(
-            self.device_name, top, read_only=self.read_only, copy_on_read=self.copy_on_read
+            self.device_name, top, read_only=self.read_only, copy_on_read=self.copy_on_read, cache=self.cache
         )
 
     def start(self) -> None:
@@ -95,11 +121,26 @@ class Server:
 
             self.monitor = MonitorServer(self.qmp_path, self)
             self.monitor.start()
+        if self.cache.cache_clean_interval:
+            self._cache_cleaner = threading.Thread(target=self._clean_caches, name="vdisk-cache-clean", daemon=True)
+            self._cache_cleaner.start()
+
+    def _clean_caches(self) -> None:
+        """QEMU's cache-clean-interval: every interval, drop the metadata tables unused since the last one."""
+        while not self._stopping.wait(self.cache.cache_clean_interval):
+            for device in list(self.devices.values()):
+                for node in device.nodes():
+                    clean = getattr(node, "clean_caches", None)  # qcow2 nodes have metadata caches, raw none
+                    if clean is not None:
+                        dropped = clean()
+                        if dropped:
+                            log.debug("%s: dropped %d idle cached tables", node.path, dropped)
 
     def shutdown(self) -> None:
         from vdisk.jobs.runner import cancel_all
 
         cancel_all(self)
+        self._stopping.set()
         if self.monitor is not None:
             self.monitor.stop()
         for device in self.devices.values():

@@ -223,6 +223,7 @@ def _check_copied(image: Qcow2Image, refcounts: np.ndarray, result: CheckResult,
                 result.corruptions_fixed += 1
             else:
                 result.corruptions += 1
+        image.trim_caches()  # a safe point: this table is done with
 
 
 def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult, *, active: bool) -> int:
@@ -260,6 +261,7 @@ def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult,
         for desc in descs[compressed].tolist():
             host, length = fmt.compressed_extent(desc, image.cluster_bits)
             add_range(host, length, "compressed cluster")
+        image.trim_caches()  # a safe point: this table is done with
     return allocated
 
 
@@ -293,4 +295,5 @@ def _stored_refcounts(image: Qcow2Image, n: int) -> np.ndarray:
         lo = rt_index * per
         hi = min(n, lo + per)
         out[lo:hi] = values[: hi - lo].astype(np.int64)
+        image.trim_caches()  # a safe point: this block is done with
     return out

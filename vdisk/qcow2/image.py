@@ -5,8 +5,8 @@ Design notes
 Metadata lives in memory, written back at flush (QEMU's qcow2 cache, simplified):
 
 * The L1 table and the refcount table are loaded whole (both are bounded on open: 32 MiB and 8 MiB).
-* L2 tables and refcount blocks sit in bounded LRU caches (``Table``: bytes + numpy view + dirty flag), so
-  memory does not grow with the virtual size.  A dirty table is only dropped after a metadata flush.
+* L2 tables and refcount blocks sit in bounded LRU caches (``vdisk.qcow2.cache``: sized as QEMU sizes them,
+  evicting only at safe points, never a dirty table), so memory does not grow with the virtual size.
 
 Crash ordering (a crash may leak clusters, never corrupt):
 
@@ -27,19 +27,18 @@ the metadata phase: ``_links`` counts links, and the metadata phase syncs again 
 (otherwise only a dirty refcount block's sync would cover that data before its L2 entry is written).
 (The power-loss tests in tests/test_powerloss.py replay every barrier of recorded runs against these rules.)
 
-Locking: ``self.lock`` (an RLock) covers every metadata structure: caches, L1, refcounts, the allocator and
-the pending frees.  Payload I/O runs outside it.  Two calls must not touch the same guest cluster at the same
+Locking: ``self.lock`` (a reentrant ``MetadataLock``) covers every metadata structure: caches, L1, refcounts,
+the allocator and the pending frees.  A table object is used only inside the section that looked it up:
+the caches evict when the outermost section ends (see ``vdisk.qcow2.cache``).  Payload I/O runs outside it.  Two calls must not touch the same guest cluster at the same
 time; the block device (``vdisk.blockdev``) guarantees that with its range locks.  A single-threaded user gets
 it for free.  ``flush()`` fdatasyncs data without the lock, then takes it for the metadata phase only.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import os
-import threading
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -49,6 +48,7 @@ import numpy as np
 from vdisk import faults, iolog, locking, native
 from vdisk.errors import CorruptImage, FormatError, OutOfRange, ReadOnlyError, StorageError, UnsupportedFeature
 from vdisk.qcow2 import format as fmt
+from vdisk.qcow2.cache import CacheOptions, MetadataLock, TableCache, cache_tables
 from vdisk.qcow2.tables import RefcountBlock, Table, l2_units, runs
 
 # map_units ranges of at most this many clusters (in one L2 table) take the scalar path
@@ -59,21 +59,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_BYTES = 4 * 1024 * 1024
-
 
 class Qcow2Image:
     """One qcow2 file.  ``backing`` (set by the chain opener) supplies unallocated ranges."""
 
     format_name = "qcow2"
 
-    def __init__(self, path: str, fd: int, header: fmt.Header, *, read_only: bool, cache_bytes: int):
+    def __init__(self, path: str, fd: int, header: fmt.Header, *, read_only: bool, cache: CacheOptions):
         self.path = path
         self.fd = fd
         self.header = header
         self.read_only = read_only
         self.backing: Backend | None = None
-        self.lock = threading.RLock()
+        self.lock = MetadataLock(self.trim_caches)
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.size = header.size
@@ -83,9 +81,10 @@ class Qcow2Image:
         self.l2_words = 2 if self.extended_l2 else 1
         self.has_zero_flag = header.version >= 3
         self.refcount_block_entries = self.cluster_size * 8 // header.refcount_bits
-        self._cache_tables = max(4, cache_bytes // self.cluster_size)
-        self._l2_cache: collections.OrderedDict[int, Table] = collections.OrderedDict()
-        self._refblock_cache: collections.OrderedDict[int, RefcountBlock] = collections.OrderedDict()
+        self.cache_options = cache
+        l2_tables, refcount_tables = cache_tables(cache, header.size, self.cluster_size, 8 * self.l2_words)
+        self._l2_cache = TableCache(l2_tables)
+        self._refblock_cache = TableCache(refcount_tables)
         self._pending_free: list[int] = []
         self._links = 0  # L2 links made by _commit: flush() checks none came after its data fdatasync
         self._l1_dirty = False
@@ -111,7 +110,7 @@ class Qcow2Image:
         *,
         read_only: bool = False,
         force_share: bool = False,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache: CacheOptions = CacheOptions(),
         repair: bool = True,
         for_check: bool = False,
     ) -> Qcow2Image:
@@ -143,7 +142,7 @@ class Qcow2Image:
                         field="nb_snapshots",
                         offset=60,
                     )
-            image = cls(path, fd, header, read_only=read_only, cache_bytes=cache_bytes)
+            image = cls(path, fd, header, read_only=read_only, cache=cache)
         except BaseException:
             os.close(fd)
             raise
@@ -411,25 +410,35 @@ class Qcow2Image:
             raise CorruptImage(f"table at {host_offset:#x} lies past the end of the file ({file_size} bytes)",
                                path=self.path, field=field)
 
-    def _cached(self, cache: collections.OrderedDict, host_offset: int, load: Callable[[], Table]) -> Table:
-        table = cache.get(host_offset)
-        if table is not None:
-            cache.move_to_end(host_offset)
-            return table
-        table = load()
-        cache[host_offset] = table
-        self._trim_caches()
-        return table
+    @staticmethod
+    def _cached(cache: TableCache, host_offset: int, load: Callable[[], Table]) -> Table:
+        """The cached table at host_offset, loaded on a miss.  Never evicts (see vdisk.qcow2.cache)."""
+        table = cache.lookup(host_offset)
+        return table if table is not None else cache.insert(load())
 
-    def _trim_caches(self) -> None:
-        for cache in (self._l2_cache, self._refblock_cache):
-            while len(cache) > self._cache_tables:
-                clean = next((k for k, t in cache.items() if not t.dirty), None)
-                if clean is None:
+    def trim_caches(self) -> None:
+        """Bring both caches back within capacity: a safe point, where the caller holds no table.
+
+        Runs at the end of every outermost metadata section; a loop that holds the lock throughout (check)
+        calls it between tables.  Dirty tables over capacity are written back first, in crash-safe order.
+        """
+        if self._closed:
+            return
+        with self.lock:
+            for cache in (self._l2_cache, self._refblock_cache):
+                if not cache.evict_clean():
                     self._fdatasync()
                     self._flush_metadata()
-                    continue
-                del cache[clean]
+                    cache.evict_clean()
+            # Writing back released pending frees, which may have loaded refcount blocks again.
+            self._refblock_cache.evict_clean()
+
+    def clean_caches(self) -> int:
+        """Drop the clean tables unused since the previous call (QEMU's cache-clean-interval); returns how many."""
+        if self._closed:
+            return 0
+        with self.lock:
+            return self._l2_cache.drop_idle() + self._refblock_cache.drop_idle()
 
     def _l2_table(self, l1_index: int) -> Table | None:
         entry = int(self._l1.view[l1_index])
@@ -482,7 +491,7 @@ class Qcow2Image:
         host = self._claim_end(1)
         block = RefcountBlock(host, bytearray(self.cluster_size), self.header.refcount_order)
         block.dirty = True
-        self._refblock_cache[host] = block
+        self._refblock_cache.insert(block)
         self._reftable.view[rt_index] = host
         self._reftable_dirty = True
         own_cluster = host >> self.cluster_bits
@@ -490,7 +499,6 @@ class Qcow2Image:
             block.set(own_cluster % self.refcount_block_entries, 1)
         else:
             self._set_refcount(own_cluster, 1)
-        self._trim_caches()
         return block
 
     def _grow_reftable(self, min_entries: int) -> None:
@@ -921,11 +929,10 @@ class Qcow2Image:
             raise
         table = Table(host, bytearray(self.cluster_size))
         table.dirty = True
-        self._l2_cache[host] = table
+        self._l2_cache.insert(table)
         self._l1.view[l1_index] = host | fmt.OFLAG_COPIED
         self._l1_dirty = True
-        self._trim_caches()
-        return self._l2_cache.get(host) or self._l2_table(l1_index)  # type: ignore[return-value]
+        return table
 
     def unallocated_clusters(self, first: int, count: int) -> np.ndarray:
         """Which of the clusters [first, first+count) are wholly unallocated here (read from the backing)."""
@@ -1108,7 +1115,7 @@ class Qcow2Image:
         to_release = self._pending_free
         self._pending_free = []
         try:
-            dirty_blocks = [b for b in self._refblock_cache.values() if b.dirty]
+            dirty_blocks = self._refblock_cache.dirty()
             if dirty_blocks or self._reftable_dirty:
                 for block in dirty_blocks:
                     self._pwrite(block.data, block.host_offset)
@@ -1134,7 +1141,7 @@ class Qcow2Image:
                     self.header.refcount_table_offset = self._reftable.host_offset
                     self.header.refcount_table_clusters = len(self._reftable.data) // self.cluster_size
                 self._reftable_dirty = False
-            dirty_l2 = [t for t in self._l2_cache.values() if t.dirty]
+            dirty_l2 = self._l2_cache.dirty()
             if dirty_l2 or self._l1_dirty:
                 if not data_synced:
                     self._fdatasync()  # data linked after flush()'s data fdatasync

@@ -360,7 +360,7 @@ def blockdev_snapshot_sync(server, snapshot_file: str, device: str | None = None
             raise GenericError(f"Could not open '{snapshot_file}': No such file or directory")
         old_top.flush()
         with dev.quiesced():
-            new_top = Qcow2Image.open(path)
+            new_top = Qcow2Image.open(path, cache=dev.cache)
             if new_top.size != old_top.size:
                 new_top.close()
                 raise GenericError(f"Snapshot '{snapshot_file}' has size {new_top.size}, "

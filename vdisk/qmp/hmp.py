@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from vdisk.cli import parse_size
+from vdisk.units import parse_size
 from vdisk.errors import GenericError, VdiskError
 from vdisk.qmp import commands
 

@@ -1,0 +1,173 @@
+"""Large sparse disks: writes spread over 100 GiB - 4 TiB, with caches that must evict.
+
+The regression of issue 8: past what the L2 cache covers (the old fixed 4 MiB: 32 GiB of a 64 KiB-cluster
+disk), a table loaded into a cache full of dirty tables was evicted by the lookup that loaded it, and the
+write that followed changed a detached copy: after FLUSH about half of 3,000 random writes read back as
+zeros and ``qemu-img check`` found the data clusters leaked.  Each case writes at random cluster-aligned
+and unaligned offsets, flushes, reads everything back, and checks the image with qemu-img (check, compare
+against a sparse raw model, map against ``vdisk map``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import nbd
+import pytest
+from conftest import assert_clean, qemu_img_compare, run, serve, vdisk
+
+from vdisk import chain
+from vdisk.qcow2.cache import TINY_CACHES, CacheOptions
+from vdisk.qcow2.image import Qcow2Image
+
+GiB, TiB = 1 << 30, 1 << 40
+DEEP = bool(os.environ.get("VDISK_DEEP"))
+
+
+def _writes(size: int, count: int, seed: int, cluster_size: int = 65536) -> list[tuple[int, bytes]]:
+    """``count`` writes at distinct random clusters: most whole clusters, some partial (copy-on-write)."""
+    rng = random.Random(seed)
+    out = []
+    for i, cluster in enumerate(rng.sample(range(size // cluster_size), count)):
+        if i % 5 == 4:  # a partial write inside the cluster: the rest comes from the backing file (or zeros)
+            start = rng.randrange(0, cluster_size - 512, 512)
+            length = rng.randrange(512, cluster_size - start + 1, 512)
+        else:
+            start, length = 0, cluster_size
+        out.append((cluster * cluster_size + start, rng.randbytes(16) * (length // 16)))
+    return out
+
+
+def _model(path: Path, size: int, writes: list[tuple[int, bytes]], base: dict[int, bytes] | None = None) -> Path:
+    """A sparse raw file with the expected content."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in list((base or {}).items()) + writes:
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def _make(tmp_path: Path, size: int, *, backing: bool) -> tuple[Path, dict[int, bytes]]:
+    """The top image; with ``backing``, over a base holding a few clusters of its own (0x5A)."""
+    top = tmp_path / "top.qcow2"
+    base_data: dict[int, bytes] = {}
+    if backing:
+        base = tmp_path / "base.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", base, str(size))
+        rng = random.Random(size)
+        for cluster in rng.sample(range(size // 65536), 64):
+            base_data[cluster * 65536] = b"\x5a" * 65536
+        cmds = [a for offset in base_data for a in ("-c", f"write -P 0x5a {offset} 64k")]
+        run("qemu-io", *cmds, base)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    else:
+        run("qemu-img", "create", "-q", "-f", "qcow2", top, str(size))
+    return top, base_data
+
+
+def _check_against_model(top: Path, model: Path) -> None:
+    assert_clean(top)
+    assert qemu_img_compare(top, model), "qemu-img compare: the image differs from the model"
+    ours = json.loads(vdisk("map", "--output=json", str(top)).stdout)
+    theirs = json.loads(run("qemu-img", "map", "--output=json", top).stdout)
+    assert ours == theirs
+
+
+CASES = [
+    # (virtual size, backing file, cache options, writes): the issue's reports first
+    pytest.param(100 * GiB, True, CacheOptions(l2_cache_size=4 << 20), 3000, id="100G-backing-old-4M-cache"),
+    pytest.param(1 * TiB, False, CacheOptions(l2_cache_size=4 << 20), 3000, id="1T-old-4M-cache"),
+    pytest.param(4 * TiB, False, CacheOptions(), 3000, id="4T-default-cache"),
+    pytest.param(100 * GiB, True, TINY_CACHES, 1000, id="100G-backing-tiny-caches"),
+    pytest.param(4 * TiB, False, TINY_CACHES, 1000, id="4T-tiny-caches"),
+]
+
+
+@pytest.mark.parametrize("size, backing, cache, count", CASES)
+def test_flushed_writes_survive_cache_eviction(tmp_path, size, backing, cache, count):
+    top_path, base_data = _make(tmp_path, size, backing=backing)
+    writes = _writes(size, count * (4 if DEEP else 1), seed=size + count)
+    top = chain.open_chain(str(top_path), cache=cache)
+    try:
+        for offset, data in writes:
+            top.pwrite(data, offset)
+        top.flush()
+        lost = []
+        for offset, data in writes:
+            buf = bytearray(len(data))
+            top.pread(buf, offset)
+            if buf != data:
+                lost.append(offset)
+        assert not lost, f"{len(lost)} of {len(writes)} flushed writes read back wrong (first at {lost[0]:#x})"
+    finally:
+        chain.close_chain(top)
+    _check_against_model(top_path, _model(tmp_path / "model.raw", size, writes, base_data))
+
+
+def test_served_random_writes_past_the_l2_cache(tmp_path):
+    """The issue's report as a user ran it: vdisk serve, libnbd, 3,000 writes, FLUSH, read back."""
+    size = 100 * GiB
+    top_path, base_data = _make(tmp_path, size, backing=True)
+    writes = _writes(size, 3000, seed=8)
+    with serve(top_path, "--l2-cache-size", "4M") as served:
+        h = nbd.NBD()
+        h.connect_uri(served.uri)
+        for offset, data in writes:
+            h.pwrite(data, offset)
+        h.flush()
+        lost = sum(h.pread(len(data), offset) != data for offset, data in writes)
+        h.shutdown()
+        assert lost == 0, f"{lost} of {len(writes)} flushed writes read back wrong"
+    _check_against_model(top_path, _model(tmp_path / "model.raw", size, writes, base_data))
+
+
+def test_cache_sizes_follow_qemu():
+    """QEMU 7.2's read_cache_sizes: the L2 default covers the disk up to 32 MiB; cache-size splits."""
+    from vdisk.errors import InvalidArgument
+    from vdisk.qcow2.cache import cache_tables
+
+    cs = 65536
+    assert cache_tables(CacheOptions(), 1 * GiB, cs, 8) == (2, 4)  # 1 GiB: 128 KiB of L2 entries, two tables
+    assert cache_tables(CacheOptions(), 100 * GiB, cs, 8) == (200, 4)  # 12.5 MiB covers 100 GiB
+    assert cache_tables(CacheOptions(), 4 * TiB, cs, 8) == (512, 4)  # capped at 32 MiB
+    assert cache_tables(CacheOptions(), 1 * TiB, cs, 16) == (512, 4)  # extended L2: 16-byte entries
+    assert cache_tables(CacheOptions(l2_cache_size=4 << 20), 1 * TiB, cs, 8) == (64, 4)
+    assert cache_tables(CacheOptions(cache_size=10 << 20), 1 * TiB, cs, 8) == (156, 4)  # 4 clusters of refcounts
+    assert cache_tables(CacheOptions(cache_size=40 << 20), 100 * GiB, cs, 8) == (200, 440)  # the rest to refcounts
+    assert cache_tables(CacheOptions(cache_size=2 << 20, l2_cache_size=1 << 20), TiB, cs, 8) == (16, 16)
+    assert cache_tables(CacheOptions(cache_size=2 << 20, refcount_cache_size=1 << 20), TiB, cs, 8) == (16, 16)
+    assert cache_tables(TINY_CACHES, 4 * TiB, cs, 8) == (1, 1)
+    with pytest.raises(InvalidArgument, match="may not be set at the same time"):
+        CacheOptions(cache_size=1, l2_cache_size=1, refcount_cache_size=1)
+    with pytest.raises(InvalidArgument, match="l2-cache-size may not exceed cache-size"):
+        CacheOptions(cache_size=1 << 20, l2_cache_size=2 << 20)
+    with pytest.raises(InvalidArgument, match="refcount-cache-size may not exceed cache-size"):
+        CacheOptions(cache_size=1 << 20, refcount_cache_size=2 << 20)
+
+
+def test_idle_tables_are_dropped_and_reload(tmp_path):
+    """cache-clean-interval: tables unused for one interval go; dirty ones stay; a later read reloads."""
+    path = tmp_path / "a.qcow2"
+    Qcow2Image.create(str(path), TiB)
+    image = Qcow2Image.open(str(path))
+    try:
+        for k in range(8):  # eight L2 tables (each covers 512 MiB)
+            image.pwrite(bytes([k + 1]) * 4096, k * 512 << 20)
+        image.flush()
+        assert image.clean_caches() == 0  # all used since the (first) tick
+        image.pwrite(b"\xff" * 4096, 0)  # dirty and used
+        dropped = image.clean_caches()
+        assert dropped >= 7  # the other seven L2 tables (and any idle refcount block)
+        buf = bytearray(4096)
+        for k in range(1, 8):
+            image.pread(buf, k * 512 << 20)
+            assert buf == bytes([k + 1]) * 4096
+        image.pread(buf, 0)
+        assert buf == b"\xff" * 4096
+    finally:
+        image.close()
+    assert_clean(path)

@@ -171,3 +171,160 @@ def test_idle_tables_are_dropped_and_reload(tmp_path):
     finally:
         image.close()
     assert_clean(path)
+
+
+# --- the audit: every cache and size-derived limit at its boundary ----------------------------------------
+
+
+def test_nbdkit_memory_stays_bounded_on_a_1tib_disk(tmp_path, capsys):
+    """A 1 TiB disk under random I/O touching all of its 2,048 L2 tables: the default L2 cap (32 MiB, 512
+    tables) holds, so nbdkit's resident memory stays under 150 MiB."""
+    from conftest import nbdkit_pid
+
+    size = TiB
+    path = tmp_path / "big.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, str(size))
+    rng = random.Random(1)
+    table_span = 512 << 20  # guest bytes one 64 KiB L2 table maps
+    offsets = [t * table_span + rng.randrange(0, table_span, 4096) for t in range(size // table_span)]
+    offsets += [rng.randrange(0, size, 4096) for _ in range(2000 if not DEEP else 20000)]
+    rng.shuffle(offsets)
+    with serve(path) as served:
+        h = nbd.NBD()
+        h.connect_uri(served.uri)
+        pid = nbdkit_pid(served)
+        for i, offset in enumerate(offsets):
+            h.pwrite(i.to_bytes(8, "little") * 512, offset)
+        h.flush()
+        for i, offset in enumerate(offsets[:: 7]):
+            assert h.pread(4096, offset) == (i * 7).to_bytes(8, "little") * 512
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss_kib = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+        hwm_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+        h.shutdown()
+    with capsys.disabled():
+        print(f"\n1 TiB disk, {len(offsets)} random 4 KiB writes over all 2048 L2 tables: "
+              f"nbdkit RSS {rss_kib / 1024:.0f} MiB (peak {hwm_kib / 1024:.0f} MiB)")
+    assert hwm_kib < 150 * 1024, f"nbdkit peak RSS {hwm_kib} KiB"
+    assert_clean(path)
+
+
+@pytest.mark.parametrize("cache", [CacheOptions(), TINY_CACHES], ids=["default-cache", "tiny-caches"])
+def test_decompressed_cluster_cache_follows_rewrites(tmp_path, cache):
+    """The one-cluster decompression cache is keyed by the L2 entry: a rewrite (copy-on-write of the
+    compressed cluster) changes the entry, so a later read never sees the cached old cluster."""
+    size = TiB
+    path = tmp_path / "c.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, str(size))
+    near_end = size - 65536
+    run("qemu-io", "-c", "write -c -P 0x11 0 64k", "-c", f"write -c -P 0x22 {near_end} 64k", path)
+    top = chain.open_chain(str(path), cache=cache)
+    try:
+        buf = bytearray(65536)
+        top.pread(buf, 0)
+        assert buf == b"\x11" * 65536
+        top.pwrite(b"\x33" * 512, 4096)  # copy-on-write: decompress, patch, write a data cluster
+        top.pread(buf, 0)
+        assert buf == b"\x11" * 4096 + b"\x33" * 512 + b"\x11" * (65536 - 4608)
+        top.pread(buf, near_end)
+        assert buf == b"\x22" * 65536
+        top.flush()
+    finally:
+        chain.close_chain(top)
+    assert_clean(path)
+    model = tmp_path / "model.raw"
+    _model(model, size, [(0, b"\x11" * 65536), (4096, b"\x33" * 512), (near_end, b"\x22" * 65536)])
+    assert qemu_img_compare(path, model)
+
+
+@pytest.mark.parametrize("cache", [CacheOptions(), TINY_CACHES], ids=["default-cache", "tiny-caches"])
+def test_freed_clusters_are_reused_only_after_their_pointers_are_gone(tmp_path, cache):
+    """The free-cluster hint: clusters freed by a discard go back to the allocator after the flush that makes
+    the discard durable, and are then handed out again; nothing reads another cluster's data."""
+    path = tmp_path / "f.qcow2"
+    Qcow2Image.create(str(path), 4 * TiB)
+    top = chain.open_chain(str(path), cache=cache)
+    spread = [k * (64 << 30) for k in range(64)]  # one cluster in each of 64 L2 tables
+    try:
+        for k, offset in enumerate(spread):
+            top.pwrite(bytes([k + 1]) * 65536, offset)
+        top.flush()
+        end_before = os.path.getsize(path)
+        for offset in spread[::2]:
+            top.trim(offset, 65536)
+        top.flush()
+        top.flush()  # the second flush writes the lowered refcounts: the host clusters are free now
+        for k, offset in enumerate(spread[::2]):
+            top.pwrite(bytes([0x80 + k]) * 65536, offset + 65536)  # new clusters: the freed ones are reused
+        top.flush()
+        assert os.path.getsize(path) == end_before, "freed clusters were not reused"
+        buf = bytearray(65536)
+        for k, offset in enumerate(spread):
+            top.pread(buf, offset)
+            assert buf == (bytes(65536) if k % 2 == 0 else bytes([k + 1]) * 65536)
+        for k, offset in enumerate(spread[::2]):
+            top.pread(buf, offset + 65536)
+            assert buf == bytes([0x80 + k]) * 65536
+    finally:
+        chain.close_chain(top)
+    assert_clean(path)
+
+
+@pytest.mark.parametrize("refcount_bits", [1, 4, 16, 64])
+def test_allocation_across_refcount_block_boundaries(tmp_path, refcount_bits):
+    """Runs that cross refcount blocks (512 B clusters: a block covers 64 to 4096 clusters) with one cached
+    block: the run-length search, the allocator's per-block loop and the refcount table's growth."""
+    path = tmp_path / "r.qcow2"
+    Qcow2Image.create(str(path), 8 << 30, cluster_size=512, refcount_bits=refcount_bits)
+    top = chain.open_chain(str(path), cache=TINY_CACHES)
+    rng = random.Random(refcount_bits)
+    writes = []
+    try:
+        for k in range(40):
+            offset = rng.randrange(0, (8 << 30) - (1 << 20), 512)
+            data = rng.randbytes(512) * rng.choice([1, 3, 64, 200, 1024])  # up to 512 KiB: many blocks
+            writes.append((offset, data))
+            top.pwrite(data, offset)
+            if k % 10 == 9:  # discard an earlier write: its clusters are freed, then reused
+                offset, length = writes[-6][0], len(writes[-6][1])
+                top.trim(offset, length)
+                writes.append((offset, bytes(length)))
+                top.flush()
+        top.flush()
+    finally:
+        chain.close_chain(top)
+    assert_clean(path)
+    assert qemu_img_compare(path, _model(tmp_path / "model.raw", 8 << 30, writes))
+
+
+def _first_free_run_reference(values: list[int], start: int, count: int, stop: int) -> int | None:
+    run_start = None
+    for i in range(start, stop):
+        if values[i] == 0:
+            run_start = i if run_start is None else run_start
+            if i - run_start + 1 >= count:
+                return run_start
+        else:
+            run_start = None
+    return None
+
+
+@pytest.mark.parametrize("order", range(7))
+def test_run_length_search_matches_a_plain_scan(order):
+    """RefcountBlock.first_free_run (vectorised) against a plain loop, for every refcount width, at the
+    block's edges and with runs exactly as long as asked."""
+    from vdisk.qcow2.tables import RefcountBlock
+
+    rng = random.Random(order)
+    block = RefcountBlock(0, bytearray(512), order)
+    for trial in range(200):
+        values = [0 if rng.random() < 0.7 else rng.randrange(1, min(1 << (1 << order), 1 << 16))
+                  for _ in range(block.entries)]
+        for i, v in enumerate(values):
+            block.set(i, v)
+        start = rng.choice([0, 1, rng.randrange(block.entries)])
+        stop = rng.choice([block.entries, rng.randrange(start, block.entries + 1)])
+        count = rng.choice([1, 2, 5, 17, stop - start, stop - start + 1])
+        if count < 1:
+            continue
+        assert block.first_free_run(start, count, stop) == _first_free_run_reference(values, start, count, stop)

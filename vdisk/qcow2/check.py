@@ -195,8 +195,7 @@ def _check_copied(image: Qcow2Image, refcounts: np.ndarray, result: CheckResult,
             result.messages.append(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED L2 cluster: "
                                    f"l1_index={l1_index} l1_entry={entry:x} refcount={refcount}")
             if repair:
-                l1[l1_index] = entry | fmt.OFLAG_COPIED if refcount == 1 else entry & ~fmt.OFLAG_COPIED
-                image._l1_dirty = True
+                image._set_l1_entry(l1_index, entry | fmt.OFLAG_COPIED if refcount == 1 else entry & ~fmt.OFLAG_COPIED)
                 result.corruptions_fixed += 1
             else:
                 result.corruptions += 1

@@ -87,7 +87,7 @@ class Qcow2Image:
         self._refblock_cache = TableCache(refcount_tables)
         self._pending_free: list[int] = []
         self._links = 0  # L2 links made by _commit: flush() checks none came after its data fdatasync
-        self._l1_dirty = False
+        self._l1_dirty: tuple[int, int] | None = None  # [first, last] L1 entries changed since the last write
         self._reftable_dirty = False
         self._reftable_moved: tuple[int, int] | None = None  # old table (offset, clusters) to free once durable
         self._decompressed: tuple[int, bytes] | None = None
@@ -930,9 +930,15 @@ class Qcow2Image:
         table = Table(host, bytearray(self.cluster_size))
         table.dirty = True
         self._l2_cache.insert(table)
-        self._l1.view[l1_index] = host | fmt.OFLAG_COPIED
-        self._l1_dirty = True
+        self._set_l1_entry(l1_index, host | fmt.OFLAG_COPIED)
         return table
+
+    def _set_l1_entry(self, l1_index: int, entry: int) -> None:
+        """Change one L1 entry; the next metadata flush writes the span of changed entries, not the whole
+        table (up to 32 MiB on a large disk with small clusters).  Caller holds the lock."""
+        self._l1.view[l1_index] = entry
+        first, last = self._l1_dirty or (l1_index, l1_index)
+        self._l1_dirty = (min(first, l1_index), max(last, l1_index))
 
     def unallocated_clusters(self, first: int, count: int) -> np.ndarray:
         """Which of the clusters [first, first+count) are wholly unallocated here (read from the backing)."""
@@ -1150,11 +1156,13 @@ class Qcow2Image:
                 if self._l1_dirty:
                     if dirty_l2:
                         self._fdatasync()  # new L2 tables durable before the L1 entries that point at them
-                    self._pwrite(self._l1.data, self._l1.host_offset)
+                    first, last = self._l1_dirty
+                    self._pwrite(memoryview(self._l1.data)[first * 8 : (last + 1) * 8],
+                                 self._l1.host_offset + first * 8)
                 self._fdatasync()
                 for table in dirty_l2:
                     table.dirty = False
-                self._l1_dirty = False
+                self._l1_dirty = None
         except BaseException:
             # Not released: the tables that stopped pointing at them may not be durable (ENOSPC, EIO).
             # The next flush tries again, instead of leaking them.

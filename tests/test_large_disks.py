@@ -328,3 +328,29 @@ def test_run_length_search_matches_a_plain_scan(order):
         if count < 1:
             continue
         assert block.first_free_run(start, count, stop) == _first_free_run_reference(values, start, count, stop)
+
+
+def test_served_cache_clean_interval_drops_idle_tables(tmp_path, monkeypatch):
+    """`vdisk serve --cache-clean-interval 1`: a second after the last use, the idle tables are gone (the
+    server logs it), and the data reads back from the reloaded tables."""
+    import re
+    import time
+
+    path = tmp_path / "idle.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, str(TiB))
+    monkeypatch.setenv("VDISK_LOG_LEVEL", "INFO")
+    offsets = [k * (40 << 30) for k in range(20)]  # 20 L2 tables
+    with serve(path, "--cache-clean-interval", "1") as served:
+        h = nbd.NBD()
+        h.connect_uri(served.uri)
+        for k, offset in enumerate(offsets):
+            h.pwrite(bytes([k + 1]) * 4096, offset)
+        h.flush()
+        time.sleep(2.5)  # two intervals: the first marks the tables unused, the second drops them
+        for k, offset in enumerate(offsets):
+            assert h.pread(4096, offset) == bytes([k + 1]) * 4096
+        h.shutdown()
+    log = served.proc.stderr.read()
+    dropped = [int(n) for n in re.findall(r"dropped (\d+) idle cached tables", log)]
+    assert dropped and max(dropped) >= len(offsets), log
+    assert_clean(path)

@@ -134,7 +134,7 @@ class Server:
                     if clean is not None:
                         dropped = clean()
                         if dropped:
-                            log.debug("%s: dropped %d idle cached tables", node.path, dropped)
+                            log.info("%s: dropped %d idle cached tables", node.path, dropped)
 
     def shutdown(self) -> None:
         from vdisk.jobs.runner import cancel_all

@@ -11,6 +11,7 @@ PACKAGES=(
     python3-venv python3-dev gcc
     busybox-static cpio zstd
     fio openssl
+    fuse3 e2fsprogs xfsprogs nbd-client socat  # tests/test_filesystems.py: nbdfuse, mkfs/fsck; the guest's nbd client
 )
 
 missing=()

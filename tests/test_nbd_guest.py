@@ -1,5 +1,5 @@
-"""Real kernels as NBD clients of `vdisk serve`: a booted guest (QEMU's NBD client under virtio-blk) and, where
-the host has it, the Linux kernel's own nbd driver."""
+"""Real kernels as NBD clients of `vdisk serve`: a booted guest (QEMU's NBD client under virtio-blk) and the
+Linux kernel's own nbd driver, the guest's (through a virtio-serial port: this host has no nbd module)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import os
 import random
 import re
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, qemu_raw, run, serve
-from vdisk.guest import GuestArtifacts, boot_guest, ensure_guest_artifacts
+from conftest import assert_clean, qemu_raw, serve
+from vdisk.guest import (
+    KERNEL_NBD,
+    KERNEL_NBD_CONNECT,
+    KERNEL_NBD_DISCONNECT,
+    GuestArtifacts,
+    boot_guest,
+    ensure_guest_artifacts,
+    kernel_nbd_args,
+)
 
 MiB = 1 << 20
 DISK_SIZE = 8 * MiB
@@ -67,45 +73,38 @@ def test_booted_guest_writes_and_reads_back_through_vdisk_serve(chain4, tmp_path
     assert_clean(chain4["D"])
 
 
-def _kernel_nbd_unavailable() -> str | None:
-    """Why the kernel NBD client cannot be used here, or None."""
-    if not Path("/dev/nbd0").exists() and shutil.which("modprobe"):
-        subprocess.run(["modprobe", "nbd"], capture_output=True)
-    if not Path("/dev/nbd0").exists():
-        how = "modprobe nbd failed" if shutil.which("modprobe") else "no modprobe to load it"
-        return f"no /dev/nbd0: this kernel has no nbd driver loaded ({how})"
-    if shutil.which("nbd-client") is None:
-        return "nbd-client is not installed (Debian: apt-get install nbd-client)"
-    if os.geteuid() != 0:
-        return "attaching /dev/nbd0 needs root"
-    return None
+@pytest.fixture(scope="module")
+def kernel_nbd_artifacts() -> GuestArtifacts:
+    """The guest with nbd.ko, Debian's nbd-client and socat (copied from this host, which must have them)."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [program for program in KERNEL_NBD.programs if shutil.which(program, path=search) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (Debian packages of the same names; scripts/setup.sh)")
+    return ensure_guest_artifacts(extras=KERNEL_NBD)
 
 
-@pytest.mark.timeout(120)
-def test_kernel_nbd_client_reads_and_writes_the_export(chain4, tmp_path):
-    reason = _kernel_nbd_unavailable()
-    if reason:
-        pytest.skip(reason)
+@pytest.mark.timeout(240)
+def test_kernel_nbd_client_reads_and_writes_the_export(chain4, tmp_path, kernel_nbd_artifacts):
     data = random.Random(3).randbytes(128 * 1024)
     offset = 2 * MiB + BLOCK
     model = bytearray(qemu_raw(chain4["D"], tmp_path / "before.raw"))
     model[offset : offset + len(data)] = data
-    (tmp_path / "data.bin").write_bytes(data)
+    script = "set -e\n" + KERNEL_NBD_CONNECT + f"""
+echo "SIZE $(cat /sys/block/nbd0/size)"
+dd if=/vdisk/files/data.bin of=/dev/nbd0 bs={BLOCK} seek={offset // BLOCK} conv=notrunc,fsync 2>/dev/null
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/nbd0 bs={BLOCK} count=16 iflag=direct 2>/dev/null | md5sum | sed "s/ .*//;s/^/READ head /"
+dd if=/dev/nbd0 bs={BLOCK} skip={offset // BLOCK} count={len(data) // BLOCK} iflag=direct 2>/dev/null \\
+    | md5sum | sed "s/ .*//;s/^/READ written /"
+""" + KERNEL_NBD_DISCONNECT
     with serve(chain4["D"]) as served:
-        run("nbd-client", "-unix", served.socket, "/dev/nbd0")
-        try:
-            run("dd", f"if={tmp_path / 'data.bin'}", "of=/dev/nbd0", f"bs={BLOCK}", f"seek={offset // BLOCK}",
-                "oflag=direct", "conv=notrunc,fsync")
-            size = int(Path("/sys/block/nbd0/size").read_text()) * 512
-            run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
-            with open("/dev/nbd0", "rb", buffering=0) as dev:
-                head = os.pread(dev.fileno(), 16 * BLOCK, 0)
-                written = os.pread(dev.fileno(), len(data), offset)
-        finally:
-            run("nbd-client", "-d", "/dev/nbd0", check=False)
-        assert size == DISK_SIZE
-        assert head == b"\xa1" * 16 * BLOCK
-        assert written == data
+        result = boot_guest(None, script, files={"data.bin": data}, extra_args=kernel_nbd_args(served.socket),
+                            artifacts=kernel_nbd_artifacts, timeout=180)
+        assert result.rc == 0, result.console
         assert served.stop() == 0
+    sums = dict(re.findall(r"^READ (\S+) ([0-9a-f]{32})$", result.output, re.MULTILINE))
+    assert f"SIZE {DISK_SIZE // 512}" in result.output, result.console
+    assert sums.get("head") == hashlib.md5(b"\xa1" * 16 * BLOCK).hexdigest(), result.console
+    assert sums.get("written") == hashlib.md5(data).hexdigest(), result.console
     assert qemu_raw(chain4["D"], tmp_path / "after.raw") == model
     assert_clean(chain4["D"])

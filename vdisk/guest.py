@@ -14,6 +14,24 @@ that shapes them, so a changed ``/init`` rebuilds them and an unchanged one neve
 build holds an exclusive ``flock`` on ``.lock`` in that directory, so concurrent test processes build
 once and the others wait; finished files are moved into place with ``os.replace``.
 
+*Extras.*  ``ensure_guest_artifacts(extras=InitramfsExtras(...))`` builds another flavour of the initramfs
+in its own subdirectory of the cache (``extras-<hash of the names>``, with its own kernel, so modules and
+kernel always come from the same package): more modules of the same kernel, loaded after :data:`MODULES`,
+and host programs (Debian's own binaries, found on ``PATH`` or in the sbin directories) copied to
+``/usr/bin`` with every shared library ``ldd`` lists and the dynamic loader, at the paths ``ldd`` gives.
+Scripts call them by that path: busybox's shell prefers its own applets (it has ``mke2fs`` and
+``nbd-client``) to anything on ``PATH``.  The flavour's recipe also hashes the content of every copied
+program and library, so a package upgrade on the host rebuilds it.  The default flavour (no extras) is
+built and stamped exactly as before.
+
+*The guest kernel's NBD client.*  :data:`KERNEL_NBD` is the extras for it (``virtio_console``, ``nbd``,
+``nbd-client``, ``socat``).  There is no network: :func:`kernel_nbd_args` gives the guest a virtio-serial
+port named :data:`NBD_PORT_NAME` whose host side is a QEMU chardev connected, as a client, to the NBD
+server's unix socket.  In the guest, :data:`KERNEL_NBD_CONNECT` finds that port through sysfs (no udev, so
+no ``/dev/virtio-ports`` links), lets ``socat`` relay a unix socket to it and points ``nbd-client`` at that
+socket, so ``/dev/nbd0`` is the export; :data:`KERNEL_NBD_DISCONNECT` ends the session.  The chardev holds a
+single connection to the server, so one boot gets one NBD session.
+
 *Passing the script.*  Linux unpacks every cpio archive concatenated in the initrd, later ones on top of
 earlier ones.  Each boot therefore writes a private initrd: the cached one, zero padding to a 4-byte
 boundary (the kernel looks for a cpio header only at such an offset), then a small uncompressed archive
@@ -78,8 +96,14 @@ KERNEL_APPEND = "console=ttyS0 panic=-1 quiet mitigations=off"
 GUEST_MEMORY_MIB = 256
 SCRIPT_PATH = "vdisk/script.sh"
 FILES_DIR = "vdisk/files"
+#: Where an extras initramfs puts its programs.  Scripts call them by this path: busybox's shell runs its
+#: own applet of the same name (``mke2fs``, ``nbd-client``) whatever ``PATH`` says.
+PROGRAMS_DIR = "usr/bin"
 
-INIT_SCRIPT = f"""#!/bin/sh
+
+def _init_script(modules: Sequence[str]) -> str:
+    """The guest's /init: load ``modules`` in order, run the script, power off."""
+    return f"""#!/bin/sh
 # vdisk test guest: load virtio, run /{SCRIPT_PATH}, report its status, power off.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -88,7 +112,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 stty -echo 2>/dev/null
-for m in {" ".join(MODULES)}; do
+for m in {" ".join(modules)}; do
     insmod /lib/modules/$m.ko || echo "VDISK-GUEST-WARN insmod $m failed"
 done
 i=0
@@ -108,6 +132,9 @@ sync
 echo "{END_MARKER} rc=$rc"
 poweroff -f
 """
+
+
+INIT_SCRIPT = _init_script(MODULES)
 
 # Bump when the build changes in a way the hashed inputs below do not show.
 _RECIPE_VERSION = 1
@@ -151,6 +178,79 @@ class GuestResult:
         return self
 
 
+@dataclass(frozen=True)
+class InitramfsExtras:
+    """What a guest needs beyond busybox and virtio-blk (see *Extras* in the module docstring).
+
+    ``modules``: modules of the guest kernel, loaded after :data:`MODULES` in this order (dependencies
+    first).  ``programs``: host executables put in the guest's ``/usr/bin`` with their shared libraries;
+    scripts call them as ``/usr/bin/NAME`` (see :data:`PROGRAMS_DIR`).
+    ``a + b`` holds both, each name once, in order.
+    """
+
+    modules: tuple[str, ...] = ()
+    programs: tuple[str, ...] = ()
+
+    def __add__(self, other: InitramfsExtras) -> InitramfsExtras:
+        return InitramfsExtras(
+            modules=tuple(dict.fromkeys(self.modules + other.modules)),
+            programs=tuple(dict.fromkeys(self.programs + other.programs)),
+        )
+
+    def cache_name(self) -> str:
+        """The cache subdirectory of this flavour: a hash of the names (contents go in its recipe)."""
+        text = f"modules={','.join(self.modules)}\nprograms={','.join(self.programs)}"
+        return f"extras-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+KERNEL_NBD = InitramfsExtras(modules=("virtio_console", "nbd"), programs=("nbd-client", "socat"))
+NBD_PORT_NAME = "nbd"
+_NBD_GUEST_SOCKET = "/run/nbd.sock"
+
+KERNEL_NBD_CONNECT = f"""\
+# /dev/nbd0 through the guest kernel's NBD client: socat relays its unix socket to the virtio port
+# {NBD_PORT_NAME!r}, whose host side is connected to the NBD server (vdisk.guest.kernel_nbd_args).
+# The port and its name arrive as separate messages from QEMU, some time after virtio_console loads.
+nbd_port=
+i=0
+while [ -z "$nbd_port" ] && [ $i -lt 100 ]; do
+    for port in /sys/class/virtio-ports/*; do
+        if [ -f "$port/name" ] && [ "$(cat "$port/name")" = {NBD_PORT_NAME} ]; then nbd_port=/dev/${{port##*/}}; fi
+    done
+    [ -n "$nbd_port" ] || sleep 0.05
+    i=$((i + 1))
+done
+if [ -z "$nbd_port" ]; then echo "VDISK-GUEST-WARN no virtio port named {NBD_PORT_NAME}"; exit 1; fi
+mkdir -p /run
+/{PROGRAMS_DIR}/socat -b 262144 UNIX-LISTEN:{_NBD_GUEST_SOCKET},unlink-early "$nbd_port" &
+nbd_relay=$!
+while [ ! -S {_NBD_GUEST_SOCKET} ]; do
+    if ! kill -0 $nbd_relay 2>/dev/null; then echo "VDISK-GUEST-WARN socat exited"; exit 1; fi
+    sleep 0.05
+done
+# 4 KiB blocks: the filesystems' block size and vdisk's preferred one
+/{PROGRAMS_DIR}/nbd-client -unix {_NBD_GUEST_SOCKET} /dev/nbd0 -b 4096 >/dev/null
+"""
+KERNEL_NBD_DISCONNECT = f"""\
+/{PROGRAMS_DIR}/nbd-client -d /dev/nbd0 >/dev/null
+wait $nbd_relay
+"""
+
+
+def kernel_nbd_args(socket_path: str | os.PathLike[str]) -> list[str]:
+    """QEMU arguments for the guest's virtio-serial port to the NBD server listening at ``socket_path``.
+
+    QEMU connects when it starts, so the server must already listen; the server's greeting waits in the
+    socket until the guest opens the port.
+    """
+    path = os.fspath(socket_path).replace(",", ",,")
+    return [
+        "-chardev", f"socket,id=nbd0,path={path}",
+        "-device", "virtio-serial",
+        "-device", f"virtserialport,chardev=nbd0,name={NBD_PORT_NAME}",
+    ]  # fmt: skip
+
+
 # --- building the kernel and initramfs ----------------------------------------------------------------
 
 
@@ -161,26 +261,41 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vdisk" / "guest"
 
 
-def _recipe() -> str:
-    text = "\n".join(
-        [
-            f"version={_RECIPE_VERSION}",
-            f"kernel={KERNEL_METAPACKAGE}",
-            f"busybox={BUSYBOX_PACKAGE}",
-            f"modules={','.join(MODULES)}",
-            INIT_SCRIPT,
-        ]
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
+def _recipe(extras: InitramfsExtras | None, programs: Mapping[str, Path]) -> str:
+    """The stamp of one flavour; ``programs`` maps each initramfs path of ``extras.programs`` to its file."""
+    lines = [
+        f"version={_RECIPE_VERSION}",
+        f"kernel={KERNEL_METAPACKAGE}",
+        f"busybox={BUSYBOX_PACKAGE}",
+        f"modules={','.join(MODULES)}",
+    ]
+    modules = MODULES
+    if extras is not None:
+        modules += extras.modules
+        lines.append(f"extra-modules={','.join(extras.modules)}")
+        lines += [f"file={name} sha256={hashlib.sha256(path.read_bytes()).hexdigest()}"
+                  for name, path in sorted(programs.items())]
+    lines.append(_init_script(modules))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def ensure_guest_artifacts(cache_dir: str | os.PathLike[str] | None = None) -> GuestArtifacts:
-    """Return the guest kernel and base initrd, building them into ``cache_dir`` if they are missing."""
+def ensure_guest_artifacts(
+    cache_dir: str | os.PathLike[str] | None = None, *, extras: InitramfsExtras | None = None
+) -> GuestArtifacts:
+    """Return the guest kernel and base initrd, building them into ``cache_dir`` if they are missing.
+
+    With ``extras`` (not empty), the flavour that also holds them, in its own subdirectory of ``cache_dir``.
+    """
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if extras == InitramfsExtras():
+        extras = None
+    if extras is not None:
+        directory = directory / extras.cache_name()
     directory.mkdir(parents=True, exist_ok=True)
     artifacts = GuestArtifacts(kernel=directory / "vmlinuz", initrd=directory / "initrd.img")
     stamp = directory / "recipe"
-    recipe = _recipe()
+    programs = _program_files(extras.programs) if extras is not None else {}
+    recipe = _recipe(extras, programs)
     with _locked(directory / ".lock"):
         if (
             artifacts.kernel.is_file()
@@ -192,7 +307,7 @@ def ensure_guest_artifacts(cache_dir: str | os.PathLike[str] | None = None) -> G
         started = time.monotonic()
         log.info("building guest kernel and initrd in %s", directory)
         with tempfile.TemporaryDirectory(prefix=".build-", dir=directory) as tmp:
-            kernel, initrd = _build(Path(tmp))
+            kernel, initrd = _build(Path(tmp), extras, programs)
             stamp.unlink(missing_ok=True)
             os.replace(kernel, artifacts.kernel)
             os.replace(initrd, artifacts.initrd)
@@ -252,6 +367,39 @@ def _download_packages(dest: Path) -> list[Path]:
     return debs
 
 
+_LDD_LINE = re.compile(r"^\s*(?:\S+ => )?(/\S+) \(0x[0-9a-f]+\)$")
+
+
+def _program_files(programs: Sequence[str]) -> dict[str, Path]:
+    """Initramfs path -> host file for ``programs`` (in /usr/bin, by the name asked for) and their libraries.
+
+    Libraries keep the absolute paths ``ldd`` prints (the dynamic loader's own one among them), so the
+    guest's loader finds them in its default directories without an ``ld.so.cache``.
+    """
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    files: dict[str, Path] = {}
+    for name in programs:
+        found = shutil.which(name, path=search)
+        if found is None:
+            raise GuestError(f"guest program {name} is not installed on the host (run scripts/setup.sh)")
+        files[f"{PROGRAMS_DIR}/{name}"] = Path(found).resolve()
+        try:
+            proc = subprocess.run(["ldd", found], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        except FileNotFoundError as exc:
+            raise GuestError("ldd is not installed (Debian: libc-bin)") from exc
+        if proc.returncode != 0:
+            if "not a dynamic executable" in proc.stdout + proc.stderr:
+                continue  # static: nothing else to copy
+            raise GuestError(f"ldd {found} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+        for line in proc.stdout.splitlines():
+            if "not found" in line:
+                raise GuestError(f"{name} needs a library that is missing on the host: {line.strip()}")
+            match = _LDD_LINE.match(line)
+            if match:  # (linux-vdso.so.1 has no path: the kernel provides it)
+                files[match.group(1).lstrip("/")] = Path(match.group(1)).resolve()
+    return files
+
+
 def _find_module(tree: Path, name: str) -> Path:
     for base in (tree / "lib" / "modules", tree / "usr" / "lib" / "modules"):
         for suffix in _MODULE_SUFFIXES:
@@ -283,7 +431,7 @@ def _run_bytes(argv: Sequence[str], *, what: str, input: bytes | None = None, cw
     return proc.stdout
 
 
-def _build(tmp: Path) -> tuple[Path, Path]:
+def _build(tmp: Path, extras: InitramfsExtras | None, programs: Mapping[str, Path]) -> tuple[Path, Path]:
     debs_dir = tmp / "debs"
     debs_dir.mkdir()
     kernel_deb, busybox_deb = _download_packages(debs_dir)
@@ -308,9 +456,14 @@ def _build(tmp: Path) -> tuple[Path, Path]:
     shutil.copyfile(busybox, root / "bin" / "busybox")
     (root / "bin" / "busybox").chmod(0o755)
     (root / "bin" / "sh").symlink_to("busybox")
-    for name in MODULES:
+    modules = MODULES + (extras.modules if extras is not None else ())
+    for name in modules:
         (root / "lib" / "modules" / f"{name}.ko").write_bytes(_module_bytes(_find_module(kernel_tree, name)))
-    (root / "init").write_text(INIT_SCRIPT)
+    for name, source in programs.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, root / name)
+        (root / name).chmod(0o755)
+    (root / "init").write_text(_init_script(modules))
     (root / "init").chmod(0o755)
 
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))

@@ -13,9 +13,14 @@ def parse_size(text: str) -> int:
     if t.endswith("ib"):
         t = t[:-2]
     num, suffix = (t[:-1], t[-1]) if t and t[-1] in _SIZE_SUFFIX and t[-1].isalpha() else (t, "")
+    multiplier = _SIZE_SUFFIX.get(suffix)
+    if multiplier is None:
+        raise OutOfRange(f"invalid size {text!r} (examples: 512, 64k, 1M, 2G)")
+    if num.isdigit():
+        return int(num) * multiplier  # exact: a float would round sizes past 2^53
     try:
-        value = float(num) * _SIZE_SUFFIX[suffix]
-    except (ValueError, KeyError) as exc:
+        value = float(num) * multiplier
+    except ValueError as exc:
         raise OutOfRange(f"invalid size {text!r} (examples: 512, 64k, 1M, 2G)") from exc
     if value < 0 or value != int(value):
         raise OutOfRange(f"invalid size {text!r}")

@@ -25,6 +25,7 @@ from vdisk.qcow2 import format as fmt
 from vdisk.qcow2.image import Qcow2Image
 
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # "Snapshot table entry", fixed part (40 bytes)
+MAX_CHECK_CLUSTERS = (1 << 31) - 1  # QEMU: a file of more clusters than INT_MAX is not checked
 
 
 @dataclasses.dataclass
@@ -81,6 +82,13 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
         cs = image.cluster_size
         bits = image.cluster_bits
         file_clusters = -(-os.fstat(image.fd).st_size // cs)
+        if file_clusters > MAX_CHECK_CLUSTERS:
+            # QEMU's qcow2_check_refcounts refuses such a file (EFBIG), and vdisk's counts below would take
+            # 8 bytes of memory per cluster: 32 GiB for 2^32 clusters.
+            result.check_errors += 1
+            result.messages.append(f"Check failed: File too large ({file_clusters} clusters, QEMU checks at "
+                                   f"most {MAX_CHECK_CLUSTERS})")
+            return result
         n = max(file_clusters, image._host_end >> bits) + 1
         refs: list[np.ndarray] = []
 

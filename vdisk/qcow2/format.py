@@ -75,7 +75,10 @@ MAX_BACKING_FILE_NAME = 1023
 MAX_L1_BYTES = 32 * 1024 * 1024  # QCOW_MAX_L1_SIZE
 MAX_REFCOUNT_TABLE_BYTES = 8 * 1024 * 1024  # QCOW_MAX_REFTABLE_SIZE
 MAX_HOST_OFFSET = 1 << 56  # offsets live in bits 9..55
-MAX_VIRTUAL_SIZE = 1 << 55  # QCOW_MAX_... keeps guest offsets addressable by L1/L2
+# QEMU's block layer limit (BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB).  qcow2 sets no other: the
+# real bound is the 32 MiB L1 table, (4 Mi entries) * (cluster_size / 8) * cluster_size, from 128 GiB for
+# 512-byte clusters to 2 EiB for 2 MiB clusters, all below this one.
+MAX_VIRTUAL_SIZE = (1 << 63) - (1 << 30)
 SECTOR = 512
 
 # --- "Cluster mapping" -----------------------------------------------------------------------------

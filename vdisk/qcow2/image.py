@@ -223,6 +223,7 @@ class Qcow2Image:
             raise OutOfRange("extended L2 entries need clusters of at least 16 KiB")
         if size < 0 or size > fmt.MAX_VIRTUAL_SIZE:
             raise OutOfRange(f"size {size} outside 0..{fmt.MAX_VIRTUAL_SIZE}")
+        size = -(-size // fmt.SECTOR) * fmt.SECTOR  # as qemu-img: QEMU sees a disk in whole sectors
         if backing_file is not None and len(backing_file.encode()) > fmt.MAX_BACKING_FILE_NAME:
             raise OutOfRange(f"backing file name longer than {fmt.MAX_BACKING_FILE_NAME} bytes")
         refcount_order = refcount_bits.bit_length() - 1
@@ -547,23 +548,44 @@ class Qcow2Image:
         return host
 
     def _find_free_run(self, count: int) -> int | None:
-        """First run of free clusters below the end of the file, from the free hint on."""
+        """First run of ``count`` free clusters below the end of the file, from the free hint on.
+
+        A run may cross refcount blocks (with 512-byte clusters a block covers only 64 to 4096 clusters):
+        ``carry`` counts the free clusters that end the blocks already scanned.  The hint moves past what
+        was scanned, except the free tail, which may begin the run that a later allocation needs.
+        """
         end_cluster = self._host_end >> self.cluster_bits
         cluster = self._free_hint
         per = self.refcount_block_entries
-        while cluster + count <= end_cluster:
+        carry = 0
+        while cluster - carry + count <= end_cluster:
             rt_index, index = divmod(cluster, per)
             block = self._refblock(rt_index)
             if block is None:
                 return None
             limit = min(per, end_cluster - rt_index * per)
+            if carry:
+                need = count - carry
+                head = min(need, limit)
+                if block.first_free_run(0, head, head) == 0:
+                    if need <= limit:
+                        start = cluster - carry
+                        self._free_hint = start + count
+                        return start << self.cluster_bits
+                    carry += limit  # the whole block is free and the run goes on
+                    cluster = (rt_index + 1) * per
+                    continue
+                carry = 0
             found = block.first_free_run(index, count, limit)
             if found is not None:
                 self._free_hint = rt_index * per + found + count
                 return (rt_index * per + found) << self.cluster_bits
-            if found is None:
-                self._free_hint = min(end_cluster, (rt_index + 1) * per)
-            cluster = (rt_index + 1) * per
+            carry = block.free_tail(index, limit)
+            block_end = rt_index * per + limit
+            self._free_hint = block_end - carry
+            if limit < per:
+                break  # the end of the file
+            cluster = block_end
         return None
 
     def _free_entry(self, entry: int) -> None:

@@ -76,6 +76,12 @@ class RefcountBlock(Table):
         parts = [(raw >> (self.bits * k)) & self.mask for k in range(per_byte)]
         return np.stack(parts, axis=1).reshape(-1).astype(np.uint64)
 
+    def free_tail(self, start: int, stop: int) -> int:
+        """How many zero refcounts end at ``stop``, counting back no further than ``start``."""
+        values = self.view[start:stop] if self.order >= 3 else self.values()[start:stop]
+        used = np.flatnonzero(values)
+        return stop - start if not used.size else stop - start - int(used[-1]) - 1
+
     def first_free_run(self, start: int, count: int, stop: int) -> int | None:
         """Index of the first run of ``count`` zero refcounts within [start, stop), or None."""
         if stop - start < count:

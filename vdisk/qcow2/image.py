@@ -637,7 +637,17 @@ class Qcow2Image:
                 base_unit = l1_index * units_per_l2
                 table = self._l2_table(l1_index)
                 if table is None:
-                    out.append((pos, stop - pos, fmt.KIND_UNALLOCATED, 0))
+                    # Jump over every L1 entry without a table at once: a large disk with small clusters
+                    # has millions of them (a 128 GiB disk of 512-byte clusters: 4 Mi).
+                    last_l1 = min(len(self._l1.view), -(-(end >> self.cluster_bits) // self.l2_entries) + 1)
+                    present = np.flatnonzero(self._l1.view[l1_index + 1 : last_l1].astype(np.uint64)
+                                             & np.uint64(fmt.L1E_OFFSET_MASK))
+                    next_table = l1_index + 1 + int(present[0]) if present.size else last_l1
+                    stop = min(end, next_table * self.l2_entries << self.cluster_bits)
+                    if out and out[-1][2] == fmt.KIND_UNALLOCATED and out[-1][0] + out[-1][1] == pos:
+                        out[-1] = (out[-1][0], out[-1][1] + stop - pos, fmt.KIND_UNALLOCATED, 0)
+                    else:
+                        out.append((pos, stop - pos, fmt.KIND_UNALLOCATED, 0))
                     pos = stop
                     continue
                 c0 = (first_unit - base_unit) // (self.cluster_size // unit)

@@ -6,7 +6,8 @@ deep: deep-tests fuzz-deep
 
 deep-tests:
 	VDISK_DEEP=1 $(PYTHON) -m pytest -s tests/test_crash.py tests/test_powerloss.py tests/test_enospc.py \
-		tests/test_qcow2_model.py tests/test_soak.py tests/test_large_disks.py tests/test_filesystems.py
+		tests/test_qcow2_model.py tests/test_soak.py tests/test_large_disks.py tests/test_filesystems.py \
+		tests/test_stream_consistency.py tests/test_stream_scale.py
 
 # --- fuzzing (fuzz/) ---------------------------------------------------------------------------------------
 # CI runs the short, seeded versions (tests/test_fuzz_*.py, tests/test_qmp_hostile.py, tests/test_limits.py).

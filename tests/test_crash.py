@@ -13,7 +13,12 @@ nbdkit at a random moment.  Then:
   counts), after which ``qemu-img check`` finds the image clean and the data unchanged;
 * a restarted server streams the whole chain into D, which then equals the crashed disk, clean.
 
-CI runs a handful of trials; ``VDISK_DEEP=1`` runs ``VDISK_CRASH_TRIALS`` (default 120).
+Each kind of trial runs with QEMU's default caches and with the smallest (one L2 table and one refcount
+block, ``--l2-cache-size 1 --refcount-cache-size 1``), so that the kill also lands while tables are being
+evicted, reloaded and written back.  The tiny-cache trials use D's small cluster sizes: with 64 KiB clusters
+one L2 table maps the whole 8 MiB disk and a one-table cache would never evict.
+
+CI runs a handful of trials; ``VDISK_DEEP=1`` runs ``VDISK_CRASH_TRIALS`` (default 120) of each cache setting.
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ STRIPE = 256 * KiB
 DEEP = os.environ.get("VDISK_DEEP") == "1"
 TRIALS = int(os.environ.get("VDISK_CRASH_TRIALS", "120")) if DEEP else 4
 CLUSTER_SIZES = (65536, 4096, 512)
+TINY_CACHE_FLAGS = ("--l2-cache-size", "1", "--refcount-cache-size", "1")
+# (serve flags, D's cluster sizes the trials cycle through, seed offset)
+CACHE_SETTINGS = {
+    "default-caches": ((), CLUSTER_SIZES, 0),
+    "tiny-caches": (TINY_CACHE_FLAGS, (512, 4096), 10000),
+}
 
 pytestmark = pytest.mark.timeout(7200 if DEEP else 240)
 
@@ -102,15 +113,17 @@ class Figures:
                 f"clusters repaired, as qemu-img repairs them")
 
 
-def crash_trial(work: Path, template: Template, seed: int, with_stream: bool, figures: Figures) -> None:
+def crash_trial(work: Path, template: Template, seed: int, with_stream: bool, cache_flags: tuple[str, ...],
+                figures: Figures) -> None:
     rng = random.Random(seed)
     top = template.copy_to(work)
-    where = f"trial seed {seed}, {template.cluster_size}-byte clusters, {'with' if with_stream else 'no'} stream"
+    where = (f"trial seed {seed}, {template.cluster_size}-byte clusters, {'with' if with_stream else 'no'} stream, "
+             f"serve flags {list(cache_flags)}")
     model = GuestModel(template.initial)
     owned, _ = split_stripes(DISK // STRIPE, 2, rng)
     stream_state: dict = {}
 
-    with serve(top, "--parallel", qmp=True) as served:
+    with serve(top, "--parallel", *cache_flags, qmp=True) as served:
         clients = [GuestClient(served.uri, model, owned[i], STRIPE, template.cluster_size,
                                random.Random(seed * 10 + i)) for i in range(2)]
         stop = threading.Event()
@@ -174,7 +187,7 @@ def crash_trial(work: Path, template: Template, seed: int, with_stream: bool, fi
     assert qemu_img_compare(top, work / "crashed.raw"), f"{where}: the leak repair changed the data"
 
     # A restarted server opens it and streams the whole chain into it; the disk stays what the crash left.
-    with serve(top, qmp=True) as served:
+    with serve(top, *cache_flags, qmp=True) as served:
         if names[0] is not None:
             async def stream() -> dict:
                 async with qmp_session(served.qmp) as qmp:
@@ -193,15 +206,18 @@ def crash_trial(work: Path, template: Template, seed: int, with_stream: bool, fi
     shutil.rmtree(work)
 
 
+@pytest.mark.parametrize("cache", list(CACHE_SETTINGS))
 @pytest.mark.parametrize("with_stream", [False, True], ids=["guest-io", "guest-io-and-stream"])
-def test_sigkill_keeps_every_durable_write_and_the_image_repairs_and_streams(tmp_path, templates, with_stream):
+def test_sigkill_keeps_every_durable_write_and_the_image_repairs_and_streams(tmp_path, templates, with_stream,
+                                                                            cache):
+    cache_flags, cluster_sizes, seed_offset = CACHE_SETTINGS[cache]
     figures = Figures()
     trials = TRIALS // 2 if DEEP else 2
-    base_seed = int(os.environ.get("VDISK_CRASH_SEED", "0")) + (5000 if with_stream else 0)
+    base_seed = int(os.environ.get("VDISK_CRASH_SEED", "0")) + (5000 if with_stream else 0) + seed_offset
     for trial in range(trials):
-        template = templates[CLUSTER_SIZES[trial % len(CLUSTER_SIZES)]]
-        crash_trial(tmp_path / f"trial{trial}", template, base_seed + trial, with_stream, figures)
-    print(f"\ncrash ({'with' if with_stream else 'without'} stream): {figures}")
+        template = templates[cluster_sizes[trial % len(cluster_sizes)]]
+        crash_trial(tmp_path / f"trial{trial}", template, base_seed + trial, with_stream, cache_flags, figures)
+    print(f"\ncrash ({'with' if with_stream else 'without'} stream, {cache}): {figures}")
 
 
 # --- the dirty bit -------------------------------------------------------------------------------------------

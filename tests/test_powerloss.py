@@ -14,6 +14,10 @@ Each such image must:
 
 Regression tests pin the ordering bugs the replay found (see each test's docstring).  ``VDISK_DEEP=1``
 replays every barrier of longer runs with more subsets; the default replays a sample.
+
+The served runs and the ordering tests run with QEMU's default caches and with the smallest (one L2 table,
+one refcount block), where every metadata section that touches a second table ends in a write-back: the
+orderings must hold for those write-backs too, and the replays' streams reopen the image with the same caches.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from powerloss.replay import Recording
 from vdisk import chain, iolog
 from vdisk.blockdev import BlockDevice
 from vdisk.jobs.stream import StreamCopier
+from vdisk.qcow2.cache import TINY_CACHES, CacheOptions
 from vdisk.qcow2.image import Qcow2Image
 
 KiB = 1024
@@ -41,6 +46,12 @@ MiB = 1024 * KiB
 DEEP = os.environ.get("VDISK_DEEP") == "1"
 
 pytestmark = pytest.mark.timeout(3600 if DEEP else 240)
+
+# cache setting -> (in-process options, `vdisk serve` flags)
+CACHES = {
+    "default-caches": (CacheOptions(), ()),
+    "tiny-caches": (TINY_CACHES, ("--l2-cache-size", "1", "--refcount-cache-size", "1")),
+}
 
 
 # --- checking one power-loss state -------------------------------------------------------------------------
@@ -65,10 +76,10 @@ def state_problems(path: Path, model: GuestModel, durable, scratch: Path) -> str
     return model.violation(scratch.read_bytes(), durable)
 
 
-def stream_in_process(path: Path) -> None:
+def stream_in_process(path: Path, cache: CacheOptions) -> None:
     """Open the image read-write with vdisk (as a restarted server would) and stream the whole chain into it."""
-    top = chain.open_chain(str(path))
-    device = BlockDevice("replay", top)
+    top = chain.open_chain(str(path), cache=cache)
+    device = BlockDevice("replay", top, cache=cache)
     try:
         if top.backing is not None:
             copier = StreamCopier(device, None)
@@ -86,7 +97,7 @@ def stream_in_process(path: Path) -> None:
 class Replayer:
     """Writes each state into a directory that also holds the backing files, and checks it."""
 
-    def __init__(self, work: Path, image_name: str, backing_dir: Path, model: GuestModel):
+    def __init__(self, work: Path, image_name: str, backing_dir: Path, model: GuestModel, cache: CacheOptions):
         self.dir = work / "replay"
         self.dir.mkdir()
         for other in backing_dir.iterdir():
@@ -95,6 +106,7 @@ class Replayer:
         self.path = self.dir / image_name
         self.scratch = work / "replay.raw"
         self.model = model
+        self.cache = cache
         self.states = 0
         self.streamed = 0
         self.failures: list[str] = []
@@ -113,7 +125,7 @@ class Replayer:
                 self.streamed += 1
                 before = self.scratch.read_bytes()
                 try:
-                    stream_in_process(self.path)
+                    stream_in_process(self.path, self.cache)
                 except Exception as exc:  # noqa: BLE001 - reported below with the state
                     self.failures.append(f"{where}: vdisk could not open and stream it: {exc!r}")
                     continue
@@ -162,13 +174,13 @@ class Direct:
         iolog.mark(str(self.log), " ".join(map(str, ids)))
 
 
-def fresh_image(path: Path, size: int, cluster_size: int) -> tuple[Qcow2Image, bytes]:
+def fresh_image(path: Path, size: int, cluster_size: int, cache: CacheOptions) -> tuple[Qcow2Image, bytes]:
     Qcow2Image.create(str(path), size, cluster_size=cluster_size)
-    return Qcow2Image.open(str(path)), path.read_bytes()
+    return Qcow2Image.open(str(path), cache=cache), path.read_bytes()
 
 
-def replay_all(tmp_path: Path, log: Path, image_path: Path, initial: bytes, model: GuestModel, *,
-               subsets: int = 3 if DEEP else 1, singles: int = 8, header_only: bool = False) -> Replayer:
+def replay_all(tmp_path: Path, log: Path, image_path: Path, initial: bytes, model: GuestModel, cache: CacheOptions,
+               *, subsets: int = 3 if DEEP else 1, singles: int = 8, header_only: bool = False) -> Replayer:
     """Every barrier of an in-process recording: random subsets of the units after it, and each unit alone
     where an epoch has at most ``singles`` units.
 
@@ -176,7 +188,7 @@ def replay_all(tmp_path: Path, log: Path, image_path: Path, initial: bytes, mode
     iolog.stop()
     recording = Recording(str(log), str(image_path))
     epochs = recording.epochs_writing(0, 512, around=2) if header_only and not DEEP else None
-    replayer = Replayer(tmp_path, image_path.name, image_path.parent, model)
+    replayer = Replayer(tmp_path, image_path.name, image_path.parent, model, cache)
     replayer.run(recording, initial, random.Random(7), subsets=subsets, singles=singles, epochs=epochs)
     print(f"\n{recording.writes} writes, {recording.syncs} syncs: {replayer.states} states replayed")
     return replayer
@@ -185,13 +197,14 @@ def replay_all(tmp_path: Path, log: Path, image_path: Path, initial: bytes, mode
 # --- regression tests: orderings the replay found wrong -----------------------------------------------------
 
 
-def test_new_l2_table_is_durable_before_the_l1_entry_that_points_at_it(tmp_path, recording):
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_new_l2_table_is_durable_before_the_l1_entry_that_points_at_it(tmp_path, recording, cache):
     """Found by the replay: flush wrote new L2 tables and the L1 table before one fdatasync, so a power loss
     could keep the L1 entry and lose the table.  When the table had taken a freed cluster, its old content (guest
     data) was then read as L2 entries: corruption.  Now: L2 tables -> fdatasync -> L1 -> fdatasync."""
     cs = 512  # an L2 table covers 32 KiB
     path = tmp_path / "d.qcow2"
-    image, initial = fresh_image(path, 1 * MiB, cs)
+    image, initial = fresh_image(path, 1 * MiB, cs, CACHES[cache][0])
     model = GuestModel(bytes(1 * MiB))
     guest = Direct(image, model, recording)
     rng = random.Random(1)
@@ -203,17 +216,18 @@ def test_new_l2_table_is_durable_before_the_l1_entry_that_points_at_it(tmp_path,
     guest.write(512 * KiB, rng.randbytes(cs))  # a new L2 table: it takes a freed cluster
     guest.flush()
     image.close()
-    replayer = replay_all(tmp_path, recording, path, initial, model)
+    replayer = replay_all(tmp_path, recording, path, initial, model, CACHES[cache][0])
     replayer.assert_ok()
 
 
-def test_new_refcount_block_is_durable_before_the_refcount_table_entry(tmp_path, recording):
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_new_refcount_block_is_durable_before_the_refcount_table_entry(tmp_path, recording, cache):
     """Found by the replay: a new refcount block and the refcount table entry pointing at it were written
     before one fdatasync; a power loss could keep the entry and lose the block, whose own refcount (and those
     of every cluster it covers) then read as 0: corruption.  Now: blocks -> fdatasync -> table -> fdatasync."""
     cs = 512  # a refcount block covers 256 clusters (128 KiB of file)
     path = tmp_path / "d.qcow2"
-    image, initial = fresh_image(path, 1 * MiB, cs)
+    image, initial = fresh_image(path, 1 * MiB, cs, CACHES[cache][0])
     model = GuestModel(bytes(1 * MiB))
     guest = Direct(image, model, recording)
     rng = random.Random(2)
@@ -222,17 +236,18 @@ def test_new_refcount_block_is_durable_before_the_refcount_table_entry(tmp_path,
         guest.flush()
     assert int((image._reftable.view != 0).sum()) > 1, "no second refcount block: the test lost its point"
     image.close()
-    replayer = replay_all(tmp_path, recording, path, initial, model)
+    replayer = replay_all(tmp_path, recording, path, initial, model, CACHES[cache][0])
     replayer.assert_ok()
 
 
-def test_reftable_growth_survives_power_loss_at_every_barrier(tmp_path, recording):
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_reftable_growth_survives_power_loss_at_every_barrier(tmp_path, recording, cache):
     """The refcount table moves when it fills up (512-byte clusters, 64-bit refcounts: every 2 MiB of file);
     the new table and its blocks are durable before the header points at them, the old table is freed after."""
     path = tmp_path / "d.qcow2"
     Qcow2Image.create(str(path), 8 * MiB, cluster_size=512, refcount_bits=64)
     initial = path.read_bytes()
-    image = Qcow2Image.open(str(path))
+    image = Qcow2Image.open(str(path), cache=CACHES[cache][0])
     model = GuestModel(bytes(8 * MiB))
     guest = Direct(image, model, recording)
     rng = random.Random(3)
@@ -241,7 +256,8 @@ def test_reftable_growth_survives_power_loss_at_every_barrier(tmp_path, recordin
         guest.flush()
     assert image._reftable.host_offset != 512, "the refcount table did not move: the test lost its point"
     image.close()
-    replayer = replay_all(tmp_path, recording, path, initial, model, singles=16, header_only=True)
+    replayer = replay_all(tmp_path, recording, path, initial, model, CACHES[cache][0], singles=16,
+                          header_only=True)
     replayer.assert_ok()
 
 
@@ -250,10 +266,13 @@ def test_flush_racing_a_write_does_not_link_data_it_did_not_sync(tmp_path, recor
     under it.  A write that stored its data and linked it in between had its L2 entry written with data the
     fdatasync had not covered; when no refcount block was dirty nothing else synced it first.  A power loss
     could then keep the entry and not the data: the guest read a freed cluster's stale bytes.  Now the
-    metadata phase syncs again when a write was linked after the data fdatasync."""
+    metadata phase syncs again when a write was linked after the data fdatasync.
+
+    Default caches only: one L2 table and one refcount block serve the whole 4 MiB disk, so one-table caches
+    would never evict here; the race needs exactly this layout."""
     cs = 65536
     path = tmp_path / "d.qcow2"
-    image, initial = fresh_image(path, 4 * MiB, cs)
+    image, initial = fresh_image(path, 4 * MiB, cs, CacheOptions())
     model = GuestModel(bytes(4 * MiB))
     guest = Direct(image, model, recording)
     rng = random.Random(4)
@@ -301,7 +320,8 @@ def test_flush_racing_a_write_does_not_link_data_it_did_not_sync(tmp_path, recor
     image._write_segments, image._fdatasync = real_write_segments, real_fdatasync
     guest.flush()
     image.close()
-    replayer = replay_all(tmp_path, recording, path, initial, model, singles=20)  # the data and the L2 table
+    replayer = replay_all(tmp_path, recording, path, initial, model, CacheOptions(),
+                          singles=20)  # the data and the L2 table
     replayer.assert_ok()
 
 
@@ -321,7 +341,8 @@ def build_chain(directory: Path, cluster_size: int, size: int) -> Path:
     return d
 
 
-def recorded_run(work: Path, cluster_size: int, seed: int, monkeypatch) -> tuple[Path, bytes, GuestModel, Path]:
+def recorded_run(work: Path, cluster_size: int, seed: int, serve_flags: tuple[str, ...],
+                 monkeypatch) -> tuple[Path, bytes, GuestModel, Path]:
     """Serve D with recording on; two guests do mixed I/O while a rate-limited stream runs to completion."""
     size = 8 * MiB
     top = build_chain(work / "run", cluster_size, size)
@@ -332,7 +353,7 @@ def recorded_run(work: Path, cluster_size: int, seed: int, monkeypatch) -> tuple
     stripe = 256 * KiB
     owned, _ = split_stripes(size // stripe, 2, rng)
     monkeypatch.setenv("VDISK_IOLOG", str(log))
-    with serve(top, "--parallel", qmp=True) as served:
+    with serve(top, "--parallel", *serve_flags, qmp=True) as served:
         monkeypatch.delenv("VDISK_IOLOG")
 
         def mark(text: str) -> None:
@@ -368,13 +389,19 @@ def recorded_run(work: Path, cluster_size: int, seed: int, monkeypatch) -> tuple
     return top, initial_file, model, log
 
 
-RUNS = [(65536, 1), (4096, 2), (512, 3)] + ([(65536, 11), (4096, 12), (512, 13)] if DEEP else [])
+# (D's cluster size, seed, caches).  No 64 KiB run with tiny caches: one L2 table maps the whole 8 MiB disk.
+RUNS = [(65536, 1, "default-caches"), (4096, 2, "default-caches"), (512, 3, "default-caches"),
+        (4096, 21, "tiny-caches"), (512, 22, "tiny-caches")]
+if DEEP:
+    RUNS += [(65536, 11, "default-caches"), (4096, 12, "default-caches"), (512, 13, "default-caches"),
+             (4096, 31, "tiny-caches"), (512, 32, "tiny-caches")]
 
 
-@pytest.mark.parametrize(("cluster_size", "seed"), RUNS)
+@pytest.mark.parametrize(("cluster_size", "seed", "cache"), RUNS)
 def test_power_loss_during_guest_io_and_a_stream_keeps_every_flushed_write(tmp_path, monkeypatch, cluster_size,
-                                                                             seed):
-    top, initial_file, model, log = recorded_run(tmp_path, cluster_size, seed, monkeypatch)
+                                                                             seed, cache):
+    cache_options, serve_flags = CACHES[cache]
+    top, initial_file, model, log = recorded_run(tmp_path, cluster_size, seed, serve_flags, monkeypatch)
     recording_ = Recording(str(log), str(top))
     assert not recording_.other_files, recording_.other_files
     assert recording_.syncs > 10 and recording_.markers > 5, (recording_.syncs, recording_.markers)
@@ -386,10 +413,10 @@ def test_power_loss_during_guest_io_and_a_stream_keeps_every_flushed_write(tmp_p
         epochs = sorted(set(rng.sample(range(n), min(n, 10))) | set(recording_.epochs_writing(0, 512, around=1))
                         | {n - 1, n - 2})
         subsets, singles, stream_every = 1, 4, 9
-    replayer = Replayer(tmp_path, top.name, top.parent, model)
+    replayer = Replayer(tmp_path, top.name, top.parent, model, cache_options)
     replayer.run(recording_, initial_file, rng, subsets=subsets, singles=singles, epochs=epochs,
                  stream_every=stream_every)
-    print(f"\npower loss, {cluster_size}-byte clusters: {recording_.writes} writes, {recording_.syncs} syncs, "
-          f"{recording_.markers} guest flush/FUA markers; {replayer.states} states replayed over "
-          f"{len(epochs) if epochs else n} barriers, {replayer.streamed} streamed after replay")
+    print(f"\npower loss, {cluster_size}-byte clusters, {cache}: {recording_.writes} writes, "
+          f"{recording_.syncs} syncs, {recording_.markers} guest flush/FUA markers; {replayer.states} states "
+          f"replayed over {len(epochs) if epochs else n} barriers, {replayer.streamed} streamed after replay")
     replayer.assert_ok()

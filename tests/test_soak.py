@@ -4,6 +4,10 @@ Each connection owns one sixteenth of the disk, cut into 16 slots; an in-flight 
 itself, so a bytearray model predicts every read exactly even at queue depth 16.  Afterwards the disk equals the
 model (qemu-img compare), the image is clean, nbdkit's memory did not keep growing, and no request waited
 longer than the stated bound.  CI runs it for a few seconds; VDISK_DEEP=1 runs it for minutes.  Loopback only.
+
+It runs twice: with QEMU's default caches on 64 KiB clusters, and with the smallest caches (one L2 table,
+one refcount block) on 4 KiB clusters, where the 64 MiB disk spans 32 L2 tables per image and nearly every
+request evicts, reloads or writes back a table (with 64 KiB clusters one table maps the whole disk).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from vdisk.client import Monitor
 from vdisk.errors import QMPError
 
 MiB = 1 << 20
-CLUSTER = 65536
+CLUSTER = 65536  # the unit of the guests' trims, whatever the images' cluster size
+TINY_CACHE_FLAGS = ("--l2-cache-size", "1", "--refcount-cache-size", "1")
 CONNECTIONS = 16
 QUEUE_DEPTH = 16
 SIZE = 64 * MiB
@@ -108,16 +113,21 @@ class Worker:
             self.h.shutdown()
 
 
-def test_soak_sixteen_connections_during_a_stream(tmp_path):
+@pytest.mark.parametrize(("cluster_size", "cache_flags"), [
+    pytest.param(CLUSTER, (), id="default-caches"),
+    pytest.param(4096, TINY_CACHE_FLAGS, id="4k-tiny-caches"),
+])
+def test_soak_sixteen_connections_during_a_stream(tmp_path, cluster_size, cache_flags):
     paths = {n: tmp_path / f"{n}.qcow2" for n in "ABD"}
-    run("qemu-img", "create", "-q", "-f", "qcow2", paths["A"], str(SIZE))
+    options = f"cluster_size={cluster_size}"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, paths["A"], str(SIZE))
     run("qemu-io", "-c", f"write -P 0xa1 0 {SIZE}", paths["A"])
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "A.qcow2", "-F", "qcow2", paths["B"])
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, "-b", "A.qcow2", "-F", "qcow2", paths["B"])
     run("qemu-io", "-c", "write -P 0xb2 8M 16M", "-c", "write -z 40M 1M", paths["B"])
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "B.qcow2", "-F", "qcow2", paths["D"])
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, "-b", "B.qcow2", "-F", "qcow2", paths["D"])
     model = bytearray(qemu_raw(paths["D"], tmp_path / "before.raw"))
 
-    with serve(paths["D"], qmp=True) as served:
+    with serve(paths["D"], *cache_flags, qmp=True) as served:
         server_pid = nbdkit_pid(served)
         rss = [_rss_kib(server_pid)]
         with Monitor(str(served.qmp)) as monitor:
@@ -153,7 +163,8 @@ def test_soak_sixteen_connections_during_a_stream(tmp_path):
     latencies = sorted(x for w in workers for x in w.latencies)
     ops = sum(w.ops for w in workers)
     p50, p99, worst = (latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)], latencies[-1])
-    print(f"\nsoak: {DURATION:.0f} s, {CONNECTIONS} connections x QD{QUEUE_DEPTH}, {ops} requests "
+    print(f"\nsoak ({cluster_size}-byte clusters, serve flags {list(cache_flags)}): "
+          f"{DURATION:.0f} s, {CONNECTIONS} connections x QD{QUEUE_DEPTH}, {ops} requests "
           f"({ops / DURATION:.0f}/s), {polls} QMP polls ({polls_during_stream} during the stream); latency p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, "
           f"max {worst * 1e3:.1f} ms; nbdkit RSS {rss[0] // 1024} -> max {max(rss) // 1024} MiB")
     assert ops > CONNECTIONS * QUEUE_DEPTH

@@ -11,6 +11,10 @@ Three kinds of test:
   checks and shows the new chain.
 * SIGKILL: the server dies at a random point of a stream with writes in flight; the image must check clean
   (leaks allowed), keep every write acknowledged before the last completed flush, and stream again to the end.
+
+The served tests run with QEMU's default caches and with the smallest (one L2 table, one refcount block), on
+chains of 4 KiB or 512-byte clusters where a one-table cache must evict, reload and write back all the time
+(with 64 KiB clusters one L2 table maps the whole 16 MiB disk).  ``VDISK_DEEP=1`` runs more seeds and kills.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ from vdisk.blockdev import BlockDevice
 from vdisk.jobs.stream import StreamCopier
 
 MiB = 1 << 20
-CLUSTER = 65536
+CLUSTER = 65536  # the unit of the chain's layout and of the guests' trims, whatever the images' cluster size
+DEEP = os.environ.get("VDISK_DEEP") == "1"
+TINY_CACHE_FLAGS = ("--l2-cache-size", "1", "--refcount-cache-size", "1")
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(1800 if DEEP else 120)
 
 
 # --- in-process: one cluster, two parties, each order ---------------------------------------------------
@@ -274,26 +280,31 @@ DISK = 16 * MiB
 STRIPE = 256 * 1024
 
 
-def build_chain(directory: Path, seed: int) -> Path:
-    """A 16 MiB chain A <- B <- C <- D with data, zero and compressed clusters in each layer."""
+def build_chain(directory: Path, seed: int, cluster_size: int = CLUSTER) -> Path:
+    """A 16 MiB chain A <- B <- C <- D with data, zero and compressed clusters in each layer, every image with
+    ``cluster_size`` clusters (the layout is in 64 KiB units either way)."""
     rng = random.Random(seed)
     names = {n: directory / f"{n}.qcow2" for n in "ABCD"}
-    run("qemu-img", "create", "-q", "-f", "qcow2", names["A"], "16M")
+    options = f"cluster_size={cluster_size}"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, names["A"], "16M")
     run("qemu-io", "-c", "write -P 0xa1 0 12M", names["A"])
     backing = "A.qcow2"
     for layer, fill in (("B", 0xB2), ("C", 0xC3), ("D", 0xD4)):
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", names[layer])
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, "-b", backing, "-F", "qcow2", names[layer])
         commands = []
+        written: set[int] = set()  # this layer's 64 KiB units so far
         for _ in range({"B": 12, "C": 6, "D": 3}[layer]):
             start = rng.randrange(0, DISK // CLUSTER - 4) * CLUSTER
             length = rng.choice([CLUSTER, 2 * CLUSTER, 4 * CLUSTER, 4096])
             kind = rng.random()
+            # qemu compresses only into clusters the image does not hold yet (else the write fails, EIO)
             if kind < 0.2:
                 commands += ["-c", f"write -z {start} {length}"]
-            elif kind < 0.3 and length >= CLUSTER:
+            elif kind < 0.3 and length >= CLUSTER and start // CLUSTER not in written:
                 commands += ["-c", f"write -c -P {fill + 1} {start} {CLUSTER}"]
             else:
                 commands += ["-c", f"write -P {fill} {start} {length}"]
+            written.update(range(start // CLUSTER, -(-(start + length) // CLUSTER)))
         run("qemu-io", *commands, names[layer])
         backing = f"{layer}.qcow2"
     return names["D"]
@@ -353,12 +364,30 @@ class ModelClient:
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize(("seed", "base", "parallel"), [
-    (1, None, False), (2, "A.qcow2", True), (3, None, True), (4, "A.qcow2", False),
-])
-def test_random_guest_io_during_a_stream_matches_a_model(tmp_path, seed, base, parallel):
-    top = build_chain(tmp_path, seed)
+# (seed, base, --parallel, the chain's cluster size, serve flags for the caches)
+RANDOM_IO_CASES = [
+    pytest.param(1, None, False, CLUSTER, (), id="1-full-default-caches"),
+    pytest.param(2, "A.qcow2", True, CLUSTER, (), id="2-base-parallel-default-caches"),
+    pytest.param(3, None, True, CLUSTER, (), id="3-full-parallel-default-caches"),
+    pytest.param(4, "A.qcow2", False, CLUSTER, (), id="4-base-default-caches"),
+    pytest.param(5, None, True, 4096, TINY_CACHE_FLAGS, id="5-full-parallel-4k-tiny-caches"),
+    pytest.param(6, "A.qcow2", False, 512, TINY_CACHE_FLAGS, id="6-base-512-tiny-caches"),
+    pytest.param(7, None, False, 512, TINY_CACHE_FLAGS, id="7-full-512-tiny-caches"),
+    pytest.param(8, "A.qcow2", True, 4096, TINY_CACHE_FLAGS, id="8-base-parallel-4k-tiny-caches"),
+]
+if DEEP:  # 32 more: each (cluster size, caches) with a full stream and one with base, serialized and parallel
+    DEEP_SETTINGS = [(CLUSTER, ()), (4096, TINY_CACHE_FLAGS), (512, TINY_CACHE_FLAGS), (4096, ())]
+    for seed in range(100, 132):
+        cluster_size, flags = DEEP_SETTINGS[seed % 4]
+        base = "A.qcow2" if seed // 4 % 2 else None
+        RANDOM_IO_CASES.append(pytest.param(seed, base, seed // 8 % 2 == 1, cluster_size, flags, id=f"deep-{seed}"))
+
+
+@pytest.mark.timeout(1800 if DEEP else 180)
+@pytest.mark.parametrize(("seed", "base", "parallel", "cluster_size", "cache_flags"), RANDOM_IO_CASES)
+def test_random_guest_io_during_a_stream_matches_a_model(tmp_path, seed, base, parallel, cluster_size,
+                                                         cache_flags):
+    top = build_chain(tmp_path, seed, cluster_size)
     model = bytearray(qemu_raw(top, tmp_path / "before.raw"))
     rng = random.Random(seed)
     n_writers = 2
@@ -377,7 +406,7 @@ def test_random_guest_io_during_a_stream_matches_a_model(tmp_path, seed, base, p
             assert end["event"] == "BLOCK_JOB_COMPLETED" and "error" not in end["data"], end
 
     extra = ["--parallel"] if parallel else []
-    with serve(top, *extra, qmp=True) as served:
+    with serve(top, *extra, *cache_flags, qmp=True) as served:
         clients = [ModelClient(served.uri, model, owned[i], random.Random(seed * 100 + i)) for i in range(n_writers)]
         checker = ModelClient(served.uri, model, untouched, random.Random(seed * 100 + 99))
         stop = threading.Event()
@@ -388,7 +417,12 @@ def test_random_guest_io_during_a_stream_matches_a_model(tmp_path, seed, base, p
         try:
             time.sleep(0.2)
             run_async(stream(served), timeout=90)
-            time.sleep(0.2)  # and a little I/O after the switch
+            # and a little I/O after the switch: 0.2 s, or until every writer has sent each kind of request
+            # (with one-table caches and 512-byte clusters a request can take tens of milliseconds)
+            time.sleep(0.2)
+            deadline = time.monotonic() + 30
+            while not all(all(c.ops.values()) for c in clients) and time.monotonic() < deadline:
+                time.sleep(0.05)
         finally:
             stop.set()
             for t in threads:
@@ -465,14 +499,20 @@ async def _stream_to_end(served, speed: int = 0) -> dict:
         return await qmp.wait_gone("drive0", timeout=60)
 
 
-@pytest.mark.timeout(240)
-def test_sigkill_during_a_stream_loses_no_flushed_write_and_streaming_again_completes(tmp_path):
-    trials = 3  # the kill lands early, in the middle, and late in (or just after) the stream
+@pytest.mark.timeout(1800 if DEEP else 240)
+@pytest.mark.parametrize(("cluster_size", "cache_flags", "seed"), [
+    pytest.param(CLUSTER, (), 1000, id="default-caches"),
+    pytest.param(4096, TINY_CACHE_FLAGS, 2000, id="4k-tiny-caches"),
+])
+def test_sigkill_during_a_stream_loses_no_flushed_write_and_streaming_again_completes(tmp_path, cluster_size,
+                                                                                      cache_flags, seed):
+    # the kill lands early, in the middle, and late in (or just after) the stream; deep: that, four times over
+    trials = 12 if DEEP else 3
     for trial in range(trials):
-        rng = random.Random(1000 + trial)
+        rng = random.Random(seed + trial)
         work = tmp_path / f"trial{trial}"
         work.mkdir()
-        top = build_chain(work, 1000 + trial)
+        top = build_chain(work, seed + trial, cluster_size)
         old = qemu_raw(top, work / "old.raw")
         blocks = rng.sample(range(DISK // BLOCK), 400)
         log: dict[int, list] = {}
@@ -484,14 +524,14 @@ def test_sigkill_during_a_stream_loses_no_flushed_write_and_streaming_again_comp
                 await asyncio.sleep(delay)
                 os.kill(nbdkit_pid(served), signal.SIGKILL)
 
-        with serve(top, "--parallel", qmp=True) as served:
+        with serve(top, "--parallel", *cache_flags, qmp=True) as served:
             writers = [DurableWriter(served.uri, blocks[i::2], random.Random(trial * 10 + i), log, lock)
                        for i in range(2)]
             threads = [threading.Thread(target=w.loop, daemon=True) for w in writers]
             for t in threads:
                 t.start()
             time.sleep(0.05)
-            delay = rng.uniform(trial * 0.8, (trial + 1) * 0.8)  # 16 MiB at 8 MiB/s takes about 2 s
+            delay = rng.uniform(trial % 3 * 0.8, (trial % 3 + 1) * 0.8)  # 16 MiB at 8 MiB/s takes about 2 s
             run_async(start_and_kill(served, delay), timeout=60)
             for t in threads:
                 t.join(30)
@@ -514,7 +554,7 @@ def test_sigkill_during_a_stream_loses_no_flushed_write_and_streaming_again_comp
                 assert got in (was, entry[0]), f"trial {trial}: block {block} is neither old nor new data"
 
         # serve again (the crashed image opens), stream to the end, and the disk is what it was after the crash
-        with serve(top, qmp=True) as served:
+        with serve(top, *cache_flags, qmp=True) as served:
             end = run_async(_stream_to_end(served), timeout=60)
             assert end["event"] == "BLOCK_JOB_COMPLETED" and "error" not in end["data"], end
         (work / "expected.raw").write_bytes(crashed)

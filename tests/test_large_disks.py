@@ -13,15 +13,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import time
 from pathlib import Path
 
 import nbd
 import pytest
-from conftest import assert_clean, qemu_img_compare, run, serve, vdisk
+from conftest import assert_clean, nbdkit_pid, qemu_img_compare, run, serve, vdisk
 
 from vdisk import chain
-from vdisk.qcow2.cache import TINY_CACHES, CacheOptions
+from vdisk.errors import InvalidArgument
+from vdisk.qcow2.cache import TINY_CACHES, CacheOptions, cache_tables
 from vdisk.qcow2.image import Qcow2Image
+from vdisk.qcow2.tables import RefcountBlock
 
 GiB, TiB = 1 << 30, 1 << 40
 DEEP = bool(os.environ.get("VDISK_DEEP"))
@@ -127,9 +131,6 @@ def test_served_random_writes_past_the_l2_cache(tmp_path):
 
 def test_cache_sizes_follow_qemu():
     """QEMU 7.2's read_cache_sizes: the L2 default covers the disk up to 32 MiB; cache-size splits."""
-    from vdisk.errors import InvalidArgument
-    from vdisk.qcow2.cache import cache_tables
-
     cs = 65536
     assert cache_tables(CacheOptions(), 1 * GiB, cs, 8) == (2, 4)  # 1 GiB: 128 KiB of L2 entries, two tables
     assert cache_tables(CacheOptions(), 100 * GiB, cs, 8) == (200, 4)  # 12.5 MiB covers 100 GiB
@@ -179,8 +180,6 @@ def test_idle_tables_are_dropped_and_reload(tmp_path):
 def test_nbdkit_memory_stays_bounded_on_a_1tib_disk(tmp_path, capsys):
     """A 1 TiB disk under random I/O touching all of its 2,048 L2 tables: the default L2 cap (32 MiB, 512
     tables) holds, so nbdkit's resident memory stays under 150 MiB."""
-    from conftest import nbdkit_pid
-
     size = TiB
     path = tmp_path / "big.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", path, str(size))
@@ -313,8 +312,6 @@ def _first_free_run_reference(values: list[int], start: int, count: int, stop: i
 def test_run_length_search_matches_a_plain_scan(order):
     """RefcountBlock.first_free_run (vectorised) against a plain loop, for every refcount width, at the
     block's edges and with runs exactly as long as asked."""
-    from vdisk.qcow2.tables import RefcountBlock
-
     rng = random.Random(order)
     block = RefcountBlock(0, bytearray(512), order)
     for trial in range(200):
@@ -333,9 +330,6 @@ def test_run_length_search_matches_a_plain_scan(order):
 def test_served_cache_clean_interval_drops_idle_tables(tmp_path, monkeypatch):
     """`vdisk serve --cache-clean-interval 1`: a second after the last use, the idle tables are gone (the
     server logs it), and the data reads back from the reloaded tables."""
-    import re
-    import time
-
     path = tmp_path / "idle.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", path, str(TiB))
     monkeypatch.setenv("VDISK_LOG_LEVEL", "INFO")

@@ -28,6 +28,10 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    def clean_caches(self) -> int:
+        """Drop cached metadata unused since the previous call (QEMU's cache-clean-interval); how many tables."""
+        ...
+
     def map_units(self, guest_offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """Runs (guest_start, length, kind, host_offset) of this node alone; kinds from vdisk.qcow2.format."""
         ...

@@ -102,6 +102,9 @@ class RawImage:
             os.close(self.fd)
             self.fd = -1
 
+    def clean_caches(self) -> int:
+        return 0  # a raw file caches no metadata
+
     def map_units(self, guest_offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """Data where the file has data, zero where it has holes (SEEK_DATA/SEEK_HOLE), like QEMU."""
         out = []

@@ -53,7 +53,6 @@ class Server:
         self.allowed_dirs: list[str] | None = None  # backing files must lie below these (None: anywhere)
         self._cache_settings: dict[str, int] = {}  # QEMU's qcow2 cache option names -> bytes or seconds
         self.cache = CacheOptions()
-        self._cache_cleaner: threading.Thread | None = None
         self._stopping = threading.Event()
         self.devices: dict[str, BlockDevice] = {}
         self.job_lock = threading.RLock()  # QEMU's job_mutex: every job call and event emission
@@ -122,19 +121,16 @@ class Server:
             self.monitor = MonitorServer(self.qmp_path, self)
             self.monitor.start()
         if self.cache.cache_clean_interval:
-            self._cache_cleaner = threading.Thread(target=self._clean_caches, name="vdisk-cache-clean", daemon=True)
-            self._cache_cleaner.start()
+            threading.Thread(target=self._clean_caches, name="vdisk-cache-clean", daemon=True).start()
 
     def _clean_caches(self) -> None:
         """QEMU's cache-clean-interval: every interval, drop the metadata tables unused since the last one."""
         while not self._stopping.wait(self.cache.cache_clean_interval):
             for device in list(self.devices.values()):
                 for node in device.nodes():
-                    clean = getattr(node, "clean_caches", None)  # qcow2 nodes have metadata caches, raw none
-                    if clean is not None:
-                        dropped = clean()
-                        if dropped:
-                            log.info("%s: dropped %d idle cached tables", node.path, dropped)
+                    dropped = node.clean_caches()
+                    if dropped:
+                        log.info("%s: dropped %d idle cached tables", node.path, dropped)
 
     def shutdown(self) -> None:
         from vdisk.jobs.runner import cancel_all

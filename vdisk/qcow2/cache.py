@@ -33,7 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from vdisk.errors import InvalidArgument
 from vdisk.qcow2.tables import Table
@@ -109,12 +109,6 @@ class TableCache:
         self.capacity = capacity
         self._tables: collections.OrderedDict[int, Table] = collections.OrderedDict()
         self._used: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self._tables)
-
-    def __iter__(self) -> Iterator[Table]:
-        return iter(list(self._tables.values()))
 
     def lookup(self, host_offset: int) -> Table | None:
         table = self._tables.get(host_offset)

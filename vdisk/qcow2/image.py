@@ -29,7 +29,8 @@ the metadata phase: ``_links`` counts links, and the metadata phase syncs again 
 
 Locking: ``self.lock`` (a reentrant ``MetadataLock``) covers every metadata structure: caches, L1, refcounts,
 the allocator and the pending frees.  A table object is used only inside the section that looked it up:
-the caches evict when the outermost section ends (see ``vdisk.qcow2.cache``).  Payload I/O runs outside it.  Two calls must not touch the same guest cluster at the same
+the caches evict when the outermost section ends (see ``vdisk.qcow2.cache``).  Payload I/O runs outside
+it.  Two calls must not touch the same guest cluster at the same
 time; the block device (``vdisk.blockdev``) guarantees that with its range locks.  A single-threaded user gets
 it for free.  ``flush()`` fdatasyncs data without the lock, then takes it for the metadata phase only.
 """
@@ -81,7 +82,6 @@ class Qcow2Image:
         self.l2_words = 2 if self.extended_l2 else 1
         self.has_zero_flag = header.version >= 3
         self.refcount_block_entries = self.cluster_size * 8 // header.refcount_bits
-        self.cache_options = cache
         l2_tables, refcount_tables = cache_tables(cache, header.size, self.cluster_size, 8 * self.l2_words)
         self._l2_cache = TableCache(l2_tables)
         self._refblock_cache = TableCache(refcount_tables)

@@ -14,5 +14,5 @@ setup(
         "fuzz": ["atheris"],
     },
     cffi_modules=["native/build_copier.py:ffibuilder"],
-    entry_points={"console_scripts": ["vdisk = vdisk.cli:main"]},
+    entry_points={"console_scripts": ["vdisk = vdisk.cli.main:main"]},
 )

@@ -1,4 +1,4 @@
-"""Micro-benchmark: vdisk.native's C core against the pure-Python reference.
+"""Micro-benchmark: vdisk.io.native's C core against the pure-Python reference.
 
     .venv/bin/python benchmarks/bench_native.py [--size-mib 256] [--cluster-size 65536] [--repeat 5]
                                                 [--dir DIR]
@@ -24,7 +24,7 @@ from functools import partial
 
 import numpy as np
 
-from vdisk import native
+from vdisk.io import native
 
 GiB = 1 << 30
 

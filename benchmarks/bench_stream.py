@@ -188,7 +188,7 @@ class Server:
         raise NotImplementedError
 
     def start(self) -> None:
-        from vdisk.client import Monitor
+        from vdisk.qmp.client import Monitor
 
         for p in (self.socket, self.qmp, self.pid_file):
             p.unlink(missing_ok=True)

@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_stream
 
-from vdisk import chain, native
-from vdisk.blockdev import BlockDevice
+from vdisk.block import chain
+from vdisk.io import native
+from vdisk.block.device import BlockDevice
 from vdisk.jobs import stream
-from vdisk.qcow2 import image as qimage
+from vdisk.formats.qcow2 import image as qimage
 
 TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
 SPANS: list[tuple[str, float, float]] = []  # (label, start, end) of the calls made while finishing

@@ -29,12 +29,12 @@ import vdisk
 HERE = Path(__file__).resolve().parent
 # Coverage is collected only where the target's parser lives (instrumented Python runs many times slower):
 # atheris includes whole top-level packages, so every other vdisk module is excluded by name.
-IMAGE_MODULES = ["vdisk.qcow2.format", "vdisk.qcow2.image", "vdisk.qcow2.tables", "vdisk.qcow2.check",
-                 "vdisk.chain", "vdisk.raw"]
+IMAGE_MODULES = ["vdisk.formats.qcow2.format", "vdisk.formats.qcow2.image", "vdisk.formats.qcow2.tables", "vdisk.formats.qcow2.check",
+                 "vdisk.block.chain", "vdisk.formats.raw"]
 INSTRUMENT = {
     "qmp_framing": ["vdisk.qmp.protocol"],
     "qmp_arguments": ["vdisk.qmp.protocol"],
-    "qcow2_header": ["vdisk.qcow2.format"],
+    "qcow2_header": ["vdisk.formats.qcow2.format"],
     "qcow2_image": IMAGE_MODULES,
     "qcow2_image_rw": IMAGE_MODULES,
 }

@@ -18,9 +18,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vdisk import chain
+from vdisk.block import chain
 from vdisk.errors import VdiskError
-from vdisk.qcow2 import format as fmt
+from vdisk.formats.qcow2 import format as fmt
 from vdisk.qmp import protocol
 from vdisk.qmp.commands import COMMANDS
 from vdisk.qmp.protocol import Command, Negotiated, QMPConnectionCore, Rejected, validate_arguments

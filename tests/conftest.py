@@ -263,7 +263,7 @@ def vdisk_main(capsys, *args: str) -> subprocess.CompletedProcess:
 
     An exception that escapes ``cli.main`` (what would be a traceback) fails the calling test.
     """
-    from vdisk import cli
+    from vdisk.cli import main as cli
 
     capsys.readouterr()
     code = cli.main([str(a) for a in args])

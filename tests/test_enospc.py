@@ -207,8 +207,8 @@ def test_a_flush_that_fails_keeps_the_pending_frees_for_the_next_one(tmp_path, m
     """A trimmed cluster's refcount drops only after the L2 table without it is durable.  When that flush
     failed (ENOSPC/EIO writing the table), the frees it carried were dropped: leaked for good.  Now the next
     flush that succeeds releases them."""
-    from vdisk import faults
-    from vdisk.qcow2.image import Qcow2Image
+    from vdisk.io import faults
+    from vdisk.formats.qcow2.image import Qcow2Image
 
     path = tmp_path / "d.qcow2"
     Qcow2Image.create(str(path), DISK)

@@ -16,7 +16,7 @@ target, every directory); ``qemu-img check`` again.  Variants:
   alone, the backing file is untouched.
 
 Guest: the same inside a TCG-booted Debian cloud kernel through its own nbd driver (``nbd.ko``;
-``vdisk.guest.KERNEL_NBD``: the export reaches the guest through a virtio-serial port, no network), the
+``vdisk.harness.guest.KERNEL_NBD``: the export reaches the guest through a virtio-serial port, no network), the
 tree coming from a tar file on a read-only virtio disk; the guest runs mkfs, fsck and hashes with
 Debian's e2fsprogs and xfsprogs and prints the results on the console.  Afterwards the host checks the
 image and, through a fresh server and its own kernel, the filesystem and the tree again.  Once also under
@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 from conftest import Served, assert_clean, chain_info, file_digest, qmp_session, run, run_async, serve
 
-from vdisk.guest import (
+from vdisk.harness.guest import (
     KERNEL_NBD,
     KERNEL_NBD_CONNECT,
     KERNEL_NBD_DISCONNECT,

@@ -29,9 +29,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fuzz import targets
-from vdisk import chain, errors
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.block import chain
+from vdisk import errors
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.image import Qcow2Image
 from vdisk.qmp import protocol
 from vdisk.qmp.commands import COMMANDS
 
@@ -145,7 +146,7 @@ HMP_WORDS = ["info", "block", "block-jobs", "version", "help", "?", "block_job_c
 
 @pytest.fixture(scope="module")
 def read_only_server(tmp_path_factory):
-    from vdisk.server import Server
+    from vdisk.serving.process import Server
 
     directory = tmp_path_factory.mktemp("dispatch")
     base, top = directory / "base.qcow2", directory / "top.qcow2"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vdisk.guest import GuestArtifacts, GuestTimeout, boot_guest, ensure_guest_artifacts, start_guest
+from vdisk.harness.guest import GuestArtifacts, GuestTimeout, boot_guest, ensure_guest_artifacts, start_guest
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -21,11 +21,11 @@ import nbd
 import pytest
 from conftest import assert_clean, nbdkit_pid, qemu_img_compare, run, serve, vdisk
 
-from vdisk import chain
+from vdisk.block import chain
 from vdisk.errors import InvalidArgument
-from vdisk.qcow2.cache import TINY_CACHES, CacheOptions, cache_tables
-from vdisk.qcow2.image import Qcow2Image
-from vdisk.qcow2.tables import RefcountBlock
+from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions, cache_tables
+from vdisk.formats.qcow2.image import Qcow2Image
+from vdisk.formats.qcow2.tables import RefcountBlock
 
 GiB, TiB = 1 << 30, 1 << 40
 DEEP = bool(os.environ.get("VDISK_DEEP"))

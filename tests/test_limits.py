@@ -27,8 +27,8 @@ if str(ROOT) not in sys.path:
 from fuzz import nbd_wire as w
 from fuzz.qmp_wire import RawQmp
 from vdisk.qmp import protocol
-from vdisk.qmp.server import MAX_CLIENTS
-from vdisk.serve import ServeOptions, nbdkit_command
+from vdisk.qmp.monitor import MAX_CLIENTS
+from vdisk.serving.launcher import ServeOptions, nbdkit_command
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -123,7 +123,7 @@ def test_clients_stalled_in_the_handshake_hold_no_slot_and_freeze_nobody(big_ima
     after the option phase) holds no connection slot and freezes nobody.  Found by this test: nbdkit's
     serialized thread model holds its global request lock across every handshake, so one client that connected
     and sent nothing froze the I/O of every guest, for as long as it stayed.  nbdkit now runs its parallel model
-    and the plugin serializes requests itself (vdisk.nbdkit_plugin)."""
+    and the plugin serializes requests itself (vdisk.serving.nbdkit_plugin)."""
     with logged(big_image, "--max-connections", "2") as (served, _lines):
         established = client(served)
         stalled = []

@@ -1,4 +1,4 @@
-"""vdisk.native: the compiled core and the pure-Python reference, held to the same results.
+"""vdisk.io.native: the compiled core and the pure-Python reference, held to the same results.
 
 Every behavioural test runs once per implementation (``core`` is parametrised over ``c`` and ``python``);
 the C run is skipped when the extension is not built, except in CI where a test insists it is.
@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vdisk import native
+from vdisk.io import native
 from vdisk.errors import OutOfRange, StorageError
 
 pytestmark = pytest.mark.timeout(300)  # a broken loop in either core hangs rather than fails
@@ -130,14 +130,14 @@ def test_stale_compiled_core_is_refused_with_a_warning(caplog):
     stale = SimpleNamespace(
         __file__="/x/_copier.so", ffi=None, lib=SimpleNamespace(vdisk_version=lambda: native.EXPECTED_VERSION + 1)
     )
-    with caplog.at_level(logging.WARNING, logger="vdisk.native"):
+    with caplog.at_level(logging.WARNING, logger="vdisk.io.native"):
         assert native._core_from_module(stale) is None
     assert "stale" in caplog.text and "/x/_copier.so" in caplog.text
 
 
 def test_compiled_core_without_a_stamp_is_refused(caplog):
     stampless = SimpleNamespace(__file__="/x/_copier.so", ffi=None, lib=SimpleNamespace())
-    with caplog.at_level(logging.WARNING, logger="vdisk.native"):
+    with caplog.at_level(logging.WARNING, logger="vdisk.io.native"):
         assert native._core_from_module(stampless) is None
     assert "stale" in caplog.text
 
@@ -594,7 +594,7 @@ def test_python_core_loops_on_short_transfers(tmp_path, monkeypatch):
 EFBIG_SCRIPT = """
 import os, resource, signal, sys
 import numpy as np
-from vdisk import native
+from vdisk.io import native
 from vdisk.errors import StorageError
 core = native.implementations()[sys.argv[1]]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

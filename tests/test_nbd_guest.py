@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from conftest import assert_clean, qemu_raw, serve
-from vdisk.guest import (
+from vdisk.harness.guest import (
     KERNEL_NBD,
     KERNEL_NBD_CONNECT,
     KERNEL_NBD_DISCONNECT,

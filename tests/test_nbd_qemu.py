@@ -149,7 +149,7 @@ def test_qemu_io_writes_leave_the_same_disk_as_qemu_nbd(chain4, tmp_path):
 
     assert vdisk_out.count("wrote") == qemu_out.count("wrote") > 150
     assert run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", chain4["D"], twin["D"], check=False).returncode == 0
-    assert qemu_raw(chain4["D"], tmp_path / "vdisk.raw") == qemu_raw(twin["D"], tmp_path / "qemu.raw")
+    assert qemu_raw(chain4["D"], tmp_path / "vdisk.formats.raw") == qemu_raw(twin["D"], tmp_path / "qemu.raw")
     # Zero writes, unmapping zero writes and discards leave the same cluster kinds as QEMU's qcow2 driver.
     assert allocation(chain4["D"]) == allocation(twin["D"])
     assert_clean(chain4["D"])

@@ -1,7 +1,7 @@
 """Power loss, not just process death: replay what reached the OS up to each fdatasync, plus a random part of
 what followed, and check every image a power loss could leave.
 
-``vdisk.iolog`` records each write and fdatasync of the image (in the server with ``VDISK_IOLOG``, or
+``vdisk.io.iolog`` records each write and fdatasync of the image (in the server with ``VDISK_IOLOG``, or
 in-process); the test appends a marker after each guest FLUSH or FUA reply.  ``powerloss.replay`` builds, for
 each fdatasync ``k``, the file as of that barrier plus subsets (torn at 4 KiB sectors) of the writes after it.
 Each such image must:
@@ -35,11 +35,12 @@ from conftest import assert_clean, qemu_raw, qmp_session, run, run_async, serve
 from powerloss.model import GuestClient, GuestModel, split_stripes
 from powerloss.replay import Recording
 
-from vdisk import chain, iolog
-from vdisk.blockdev import BlockDevice
+from vdisk.block import chain
+from vdisk.io import iolog
+from vdisk.block.device import BlockDevice
 from vdisk.jobs.stream import StreamCopier
-from vdisk.qcow2.cache import TINY_CACHES, CacheOptions
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions
+from vdisk.formats.qcow2.image import Qcow2Image
 
 KiB = 1024
 MiB = 1024 * KiB

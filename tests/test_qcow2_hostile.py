@@ -22,9 +22,9 @@ import pytest
 from conftest import assert_clean, qemu_img_check, qemu_raw, run, vdisk, vdisk_main
 
 from vdisk import errors
-from vdisk.chain import MAX_CHAIN_DEPTH, close_chain, open_chain
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.block.chain import MAX_CHAIN_DEPTH, close_chain, open_chain
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.image import Qcow2Image
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -424,7 +424,7 @@ def test_dirty_image_is_repaired_on_read_write_open_and_logged(image: Path, capl
     Qcow2Image.open(str(image), read_only=True).close()
     assert read_u64(image, INCOMPAT) & fmt.INCOMPAT_DIRTY
 
-    with caplog.at_level(logging.WARNING, logger="vdisk.qcow2.image"):
+    with caplog.at_level(logging.WARNING, logger="vdisk.formats.qcow2.image"):
         img = Qcow2Image.open(str(image))
         img.close()
     assert any("dirty" in r.getMessage() and "repair" in r.getMessage() for r in caplog.records), caplog.text

@@ -27,10 +27,11 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean, qemu_img_check, qemu_img_compare, qemu_raw, run
 
-from vdisk import cli, errors
-from vdisk.chain import block_status, close_chain, nodes, open_chain
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.image import Qcow2Image
+from vdisk import errors
+from vdisk.cli import main as cli
+from vdisk.block.chain import block_status, close_chain, nodes, open_chain
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.image import Qcow2Image
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -35,10 +35,10 @@ from conftest import assert_clean, qemu_img_compare, qemu_map, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vdisk.chain import chain_map, close_chain, open_chain
-from vdisk.qcow2.cache import TINY_CACHES, CacheOptions
-from vdisk.qcow2.image import Qcow2Image
-from vdisk.raw import RawImage
+from vdisk.block.chain import chain_map, close_chain, open_chain
+from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions
+from vdisk.formats.qcow2.image import Qcow2Image
+from vdisk.formats.raw import RawImage
 
 KiB = 1024
 MiB = 1024 * KiB

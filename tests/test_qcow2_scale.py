@@ -49,13 +49,13 @@ import numpy as np
 import pytest
 from conftest import assert_clean, qemu_img_check, qemu_img_compare, qemu_map, run, vdisk_main
 
-from vdisk import native
-from vdisk.chain import block_status, close_chain, merge_extents, open_chain
+from vdisk.io import native
+from vdisk.block.chain import block_status, close_chain, merge_extents, open_chain
 from vdisk.errors import OutOfRange
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.cache import TINY_CACHES, CacheOptions
-from vdisk.qcow2.image import Qcow2Image
-from vdisk.qcow2.tables import l2_units, runs
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions
+from vdisk.formats.qcow2.image import Qcow2Image
+from vdisk.formats.qcow2.tables import l2_units, runs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -486,7 +486,7 @@ def test_trimmed_clusters_are_reused_as_qemu_reuses_them(refcount_bits: int, tmp
     QEMU puts the new data where the trimmed data was; vdisk's file must not grow more than QEMU's.  Small
     refcount blocks make the free space cross many of them: 512-byte clusters give a block 64 entries at 64
     bits, 256 at 16, 4096 at 1."""
-    ours, theirs = tmp_path / "vdisk.qcow2", tmp_path / "qemu.qcow2"
+    ours, theirs = tmp_path / "vdisk.formats.qcow2", tmp_path / "qemu.qcow2"
     proc = qemu_img_create(ours, 16 * MiB, "cluster_size=512", f"refcount_bits={refcount_bits}")
     assert proc.returncode == 0, proc.stderr
     rng = random.Random(f"reuse-{refcount_bits}")

@@ -22,7 +22,7 @@ import nbd
 import pytest
 
 from conftest import assert_clean, chain_info, nbdkit_pid, qemu_img_compare, qemu_raw, run, serve
-from vdisk.client import Monitor
+from vdisk.qmp.client import Monitor
 from vdisk.errors import QMPError
 
 MiB = 1 << 20

@@ -43,8 +43,8 @@ from conftest import (
     serve,
 )
 
-from vdisk import chain
-from vdisk.blockdev import BlockDevice
+from vdisk.block import chain
+from vdisk.block.device import BlockDevice
 from vdisk.jobs.stream import StreamCopier
 
 MiB = 1 << 20

@@ -1,6 +1,6 @@
 """A booted guest writes checksummed blocks through NBD while the host streams under it.
 
-The guest (vdisk.guest: a TCG-booted Linux whose /dev/vda is ``nbd:unix:SOCKET``) writes random 4 KiB
+The guest (vdisk.harness.guest: a TCG-booted Linux whose /dev/vda is ``nbd:unix:SOCKET``) writes random 4 KiB
 blocks with ``conv=fsync`` in a loop, printing each block's index and md5, until the host tells it to stop;
 then it re-reads every block it wrote (O_DIRECT) and prints the md5s it sees.  Meanwhile the host drives the
 QEMU document's scenarios (docs/live-block-ops.txt) word for word through HMP:
@@ -33,7 +33,7 @@ from conftest import (
     serve,
 )
 
-from vdisk.guest import GuestArtifacts, ensure_guest_artifacts, start_guest
+from vdisk.harness.guest import GuestArtifacts, ensure_guest_artifacts, start_guest
 
 pytestmark = pytest.mark.timeout(300)
 

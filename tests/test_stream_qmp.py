@@ -493,10 +493,10 @@ def test_two_streams_on_two_served_devices_run_at_once(tmp_path):
 
 def test_two_streams_on_two_devices_of_one_server_in_process(tmp_path):
     """The job engine itself runs jobs on several devices of one server at once."""
-    from vdisk import chain
-    from vdisk.blockdev import BlockDevice
+    from vdisk.block import chain
+    from vdisk.block.device import BlockDevice
     from vdisk.qmp import commands
-    from vdisk.server import Server
+    from vdisk.serving.process import Server
 
     server = Server()
     for name in ("vda", "vdb"):

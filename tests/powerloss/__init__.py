@@ -2,5 +2,5 @@
 
 ``model``: what a guest may find on its disk after a crash (per byte: the last durable value, or the value of
 any write not yet made durable), and a libnbd client doing random mixed I/O against it.
-``replay``: reads a ``vdisk.iolog`` recording and builds the images a power loss could leave behind.
+``replay``: reads a ``vdisk.io.iolog`` recording and builds the images a power loss could leave behind.
 """

@@ -1,6 +1,6 @@
-"""Power-loss states from a ``vdisk.iolog`` recording.
+"""Power-loss states from a ``vdisk.io.iolog`` recording.
 
-A recording is the image file's writes and fdatasyncs in the order they reached the OS (see vdisk.iolog),
+A recording is the image file's writes and fdatasyncs in the order they reached the OS (see vdisk.io.iolog),
 plus markers the test appended when a guest FLUSH or FUA request returned.  A power loss after fdatasync
 number ``k`` returned (``k = -1``: before the first one) leaves:
 
@@ -21,7 +21,7 @@ import os
 import random
 from collections.abc import Iterator
 
-from vdisk import iolog
+from vdisk.io import iolog
 
 SECTOR = 4096
 

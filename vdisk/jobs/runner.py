@@ -20,8 +20,8 @@ import os
 import threading
 import time
 
-from vdisk.backend import Backend
-from vdisk.blockdev import BlockDevice
+from vdisk.formats.node import Backend
+from vdisk.block.device import BlockDevice
 from vdisk.errors import StorageError, VdiskError
 from vdisk.jobs.job import Event, Job, JobStatus, JobType
 from vdisk.jobs.stream import StreamCopier

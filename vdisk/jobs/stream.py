@@ -44,12 +44,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vdisk import chain, native
-from vdisk.backend import Backend
-from vdisk.blockdev import COPY, BlockDevice
+from vdisk.block import chain
+from vdisk.io import native
+from vdisk.formats.node import Backend
+from vdisk.block.device import COPY, BlockDevice
 from vdisk.errors import BackingChainError, DeviceNotActive, GenericError
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.image import Qcow2Image, zero_fill
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.image import Qcow2Image, zero_fill
 import itertools
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import vdisk
-from vdisk import chain
+from vdisk.block import chain
 from vdisk.errors import DeviceInUse, DeviceNotActive, GenericError, InvalidArgument, VdiskError
 from vdisk.jobs.job import ON_ERROR_VALUES, JobStatus, validate_job_id
 from vdisk.jobs.runner import StreamJob, emit
 from vdisk.jobs.stream import find_base
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.formats.qcow2.image import Qcow2Image
 from vdisk.qmp import protocol
 from vdisk.qmp.protocol import EnumType
 

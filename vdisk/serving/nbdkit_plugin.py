@@ -1,4 +1,4 @@
-"""The nbdkit Python plugin (API_VERSION 2): a thin adapter from nbdkit's callbacks to ``vdisk.server``.
+"""The nbdkit Python plugin (API_VERSION 2): a thin adapter from nbdkit's callbacks to ``vdisk.serving.process``.
 
 nbdkit owns the NBD protocol; this module maps each callback onto the server's block device and each of our
 exceptions onto the errno nbdkit sends to the client.  The one other thing here is process plumbing that only
@@ -16,7 +16,7 @@ import threading
 import nbdkit
 
 from vdisk.errors import VdiskError
-from vdisk.server import Server
+from vdisk.serving.process import Server
 
 API_VERSION = 2
 
@@ -63,7 +63,7 @@ def _guard(callback):
 
 def config(key, value):
     global _stop_fd
-    if key == "stop-fd":  # process plumbing from vdisk.serve, not a disk setting
+    if key == "stop-fd":  # process plumbing from vdisk.serving.launcher, not a disk setting
         _stop_fd = int(value)
         return
     _server.config(key, value)

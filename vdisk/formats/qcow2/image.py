@@ -5,7 +5,7 @@ Design notes
 Metadata lives in memory, written back at flush (QEMU's qcow2 cache, simplified):
 
 * The L1 table and the refcount table are loaded whole (both are bounded on open: 32 MiB and 8 MiB).
-* L2 tables and refcount blocks sit in bounded LRU caches (``vdisk.qcow2.cache``: sized as QEMU sizes them,
+* L2 tables and refcount blocks sit in bounded LRU caches (``vdisk.formats.qcow2.cache``: sized as QEMU sizes them,
   evicting only at safe points, never a dirty table), so memory does not grow with the virtual size.
 
 Crash ordering (a crash may leak clusters, never corrupt):
@@ -29,9 +29,9 @@ the metadata phase: ``_links`` counts links, and the metadata phase syncs again 
 
 Locking: ``self.lock`` (a reentrant ``MetadataLock``) covers every metadata structure: caches, L1, refcounts,
 the allocator and the pending frees.  A table object is used only inside the section that looked it up:
-the caches evict when the outermost section ends (see ``vdisk.qcow2.cache``).  Payload I/O runs outside
+the caches evict when the outermost section ends (see ``vdisk.formats.qcow2.cache``).  Payload I/O runs outside
 it.  Two calls must not touch the same guest cluster at the same
-time; the block device (``vdisk.blockdev``) guarantees that with its range locks.  A single-threaded user gets
+time; the block device (``vdisk.block.device``) guarantees that with its range locks.  A single-threaded user gets
 it for free.  ``flush()`` fdatasyncs data without the lock, then takes it for the metadata phase only.
 """
 
@@ -46,17 +46,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vdisk import faults, iolog, locking, native
+from vdisk.io import faults, iolog, locking, native
 from vdisk.errors import CorruptImage, FormatError, OutOfRange, ReadOnlyError, StorageError, UnsupportedFeature
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.cache import CacheOptions, MetadataLock, TableCache, cache_tables
-from vdisk.qcow2.tables import RefcountBlock, Table, l2_units, runs
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.cache import CacheOptions, MetadataLock, TableCache, cache_tables
+from vdisk.formats.qcow2.tables import RefcountBlock, Table, l2_units, runs
 
 # map_units ranges of at most this many clusters (in one L2 table) take the scalar path
 _SCALAR_MAP_CLUSTERS = 64
 
 if TYPE_CHECKING:
-    from vdisk.backend import Backend
+    from vdisk.formats.node import Backend
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Qcow2Image:
         if h.incompatible_features & fmt.INCOMPAT_DIRTY and not for_check:
             if not repair:
                 raise CorruptImage("image is dirty and repair was not allowed", path=self.path, field="dirty bit")
-            from vdisk.qcow2.check import check_image
+            from vdisk.formats.qcow2.check import check_image
 
             log.warning("%s: dirty bit set (not closed cleanly); repairing refcounts as QEMU does", self.path)
             result = check_image(self)
@@ -325,7 +325,7 @@ class Qcow2Image:
         if faults.ENABLED:
             faults.check(self.path, "write", offset, len(data))
         try:
-            if iolog.ENABLED:  # power-loss tests: record the write (see vdisk.iolog)
+            if iolog.ENABLED:  # power-loss tests: record the write (see vdisk.io.iolog)
                 iolog.write(self.path, data, offset, lambda: native.pwrite_full(self.fd, data, offset))
             else:
                 native.pwrite_full(self.fd, data, offset)
@@ -413,7 +413,7 @@ class Qcow2Image:
 
     @staticmethod
     def _cached(cache: TableCache, host_offset: int, load: Callable[[], Table]) -> Table:
-        """The cached table at host_offset, loaded on a miss.  Never evicts (see vdisk.qcow2.cache)."""
+        """The cached table at host_offset, loaded on a miss.  Never evicts (see vdisk.formats.qcow2.cache)."""
         table = cache.lookup(host_offset)
         return table if table is not None else cache.insert(load())
 

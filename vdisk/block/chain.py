@@ -17,12 +17,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from vdisk.backend import Backend
+from vdisk.formats.node import Backend
 from vdisk.errors import BackingChainError, FormatError, StorageError
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.cache import CacheOptions
-from vdisk.qcow2.image import Qcow2Image
-from vdisk.raw import RawImage
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.cache import CacheOptions
+from vdisk.formats.qcow2.image import Qcow2Image
+from vdisk.formats.raw import RawImage
 
 MAX_CHAIN_DEPTH = 64
 _PROTOCOL = re.compile(r"^[A-Za-z0-9+.-]+:")

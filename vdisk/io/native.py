@@ -274,7 +274,7 @@ class Core:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"<vdisk.native {self.name} core>"
+        return f"<vdisk.io.native {self.name} core>"
 
 
 def _pread_action(view: memoryview, offset: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vdisk.qcow2 import format as fmt
+from vdisk.formats.qcow2 import format as fmt
 
 _REFCOUNT_DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
 

@@ -209,7 +209,7 @@ _NBD_GUEST_SOCKET = "/run/nbd.sock"
 
 KERNEL_NBD_CONNECT = f"""\
 # /dev/nbd0 through the guest kernel's NBD client: socat relays its unix socket to the virtio port
-# {NBD_PORT_NAME!r}, whose host side is connected to the NBD server (vdisk.guest.kernel_nbd_args).
+# {NBD_PORT_NAME!r}, whose host side is connected to the NBD server (vdisk.harness.guest.kernel_nbd_args).
 # The port and its name arrive as separate messages from QEMU, some time after virtio_console loads.
 nbd_port=
 i=0

@@ -43,11 +43,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from vdisk import chain, native
-from vdisk.backend import Backend
+from vdisk.block import chain
+from vdisk.io import native
+from vdisk.formats.node import Backend
 from vdisk.errors import GenericError, OutOfRange, ReadOnlyError, StorageError, VdiskError
-from vdisk.qcow2.cache import CacheOptions
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.formats.qcow2.cache import CacheOptions
+from vdisk.formats.qcow2.image import Qcow2Image
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class RangeLock:
 
 
 class BlockDevice:
-    """A named guest disk over a chain.  Callbacks are shaped like nbdkit's (see vdisk.nbdkit_plugin)."""
+    """A named guest disk over a chain.  Callbacks are shaped like nbdkit's (see vdisk.serving.nbdkit_plugin)."""
 
     def __init__(self, name: str, top: Backend, *, read_only: bool = False, copy_on_read: bool = False,
                  cache: CacheOptions = CacheOptions()):

@@ -1,6 +1,6 @@
 """The small backend interface every disk node implements, shaped like nbdkit's plugin callbacks.
 
-Implemented by ``vdisk.qcow2.image.Qcow2Image`` and ``vdisk.raw.RawImage``.  ``pread`` fills the caller's
+Implemented by ``vdisk.formats.qcow2.image.Qcow2Image`` and ``vdisk.formats.raw.RawImage``.  ``pread`` fills the caller's
 buffer (nbdkit's, without a copy); unallocated ranges of a qcow2 node read through its ``backing``.
 """
 
@@ -33,5 +33,5 @@ class Backend(Protocol):
         ...
 
     def map_units(self, guest_offset: int, length: int) -> list[tuple[int, int, int, int]]:
-        """Runs (guest_start, length, kind, host_offset) of this node alone; kinds from vdisk.qcow2.format."""
+        """Runs (guest_start, length, kind, host_offset) of this node alone; kinds from vdisk.formats.qcow2.format."""
         ...

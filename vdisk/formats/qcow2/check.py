@@ -21,8 +21,8 @@ import struct
 import numpy as np
 
 from vdisk.errors import VdiskError
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.image import Qcow2Image
 
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # "Snapshot table entry", fixed part (40 bytes)
 MAX_CHECK_CLUSTERS = (1 << 31) - 1  # QEMU: a file of more clusters than INT_MAX is not checked

@@ -25,10 +25,10 @@ def _parse_options(text: str | None) -> dict[str, str]:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from vdisk.chain import open_chain, close_chain
-    from vdisk.qcow2 import format as fmt
-    from vdisk.qcow2.image import Qcow2Image
-    from vdisk.raw import RawImage
+    from vdisk.block.chain import open_chain, close_chain
+    from vdisk.formats.qcow2 import format as fmt
+    from vdisk.formats.qcow2.image import Qcow2Image
+    from vdisk.formats.raw import RawImage
 
     opts = _parse_options(args.options)
     known = {"cluster_size", "extended_l2", "refcount_bits", "compat", "compression_type"}
@@ -72,20 +72,20 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def _resolve(image: str, backing: str) -> str:
-    from vdisk.chain import resolve_backing
+    from vdisk.block.chain import resolve_backing
 
     return resolve_backing(image, backing)
 
 
 def _probe(image: str, backing: str) -> str:
-    from vdisk.chain import probe_format
+    from vdisk.block.chain import probe_format
 
     return probe_format(_resolve(image, backing))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vdisk.chain import close_chain, nodes, open_chain
-    from vdisk.info import node_info, render_info
+    from vdisk.block.chain import close_chain, nodes, open_chain
+    from vdisk.cli.info import node_info, render_info
 
     top = open_chain(args.filename, args.format, read_only=True, force_share=args.force_share)
     try:
@@ -100,7 +100,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from vdisk.chain import chain_map, close_chain, open_chain
+    from vdisk.block.chain import chain_map, close_chain, open_chain
 
     top = open_chain(args.filename, args.format, read_only=True, force_share=args.force_share)
     try:
@@ -133,8 +133,8 @@ def _map_json_line(entry: dict) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from vdisk.qcow2.check import check_image
-    from vdisk.qcow2.image import Qcow2Image
+    from vdisk.formats.qcow2.check import check_image
+    from vdisk.formats.qcow2.image import Qcow2Image
 
     image = Qcow2Image.open(args.filename, read_only=args.repair is None, force_share=args.force_share,
                             repair=False, for_check=True)
@@ -201,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("filename")
         p.set_defaults(func=func)
 
-    from vdisk import cli_serve
+    from vdisk.cli import control
 
-    cli_serve.add_commands(sub)
+    control.add_commands(sub)
     return parser
 
 
@@ -223,6 +223,3 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

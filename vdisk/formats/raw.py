@@ -7,9 +7,9 @@ import ctypes.util
 import errno
 import os
 
-from vdisk import faults, locking, native
+from vdisk.io import faults, locking, native
 from vdisk.errors import OutOfRange, ReadOnlyError, StorageError
-from vdisk.qcow2 import format as fmt
+from vdisk.formats.qcow2 import format as fmt
 
 
 class RawImage:

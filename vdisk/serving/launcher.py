@@ -12,7 +12,7 @@ no other user can ever connect, and the pid file means "clients can connect now"
 
 Stopping.  nbdkit 1.32 alone would wait on SIGTERM until every client disconnects.  nbdkit inherits the read
 end of a pipe (plugin key ``stop-fd``); on SIGTERM/SIGINT/SIGHUP we close its write end (and forward the
-signal), and the plugin then ends idle connections too (``vdisk.nbdkit_plugin.stop_serving``).  If we die,
+signal), and the plugin then ends idle connections too (``vdisk.serving.nbdkit_plugin.stop_serving``).  If we die,
 the pipe closes all the same.
 
 Limits (what protects the server from its clients; tests/test_limits.py pins each one).  ``max_connections``
@@ -26,7 +26,7 @@ when requests are serialized (the default: nbdkit --threads 1), at most ``thread
 pipelines more meets socket back-pressure, never unbounded buffering.  nbdkit has no handshake timeout (1.32 or later): a client
 that stalls in the handshake holds a thread and a socket, but no connection slot and no image, and it blocks
 nobody, because nbdkit runs its parallel model even when requests are serialized (nbdkit's serialized model
-would hold its global request lock across that handshake: see ``vdisk.nbdkit_plugin``).
+would hold its global request lock across that handshake: see ``vdisk.serving.nbdkit_plugin``).
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ import time
 from pathlib import Path
 
 import vdisk
-from vdisk import chain
+from vdisk.block import chain
 from vdisk.errors import GenericError
-from vdisk.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
+from vdisk.formats.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
 
-PLUGIN = Path(vdisk.__file__).with_name("nbdkit_plugin.py")
+PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 
 
 @dataclasses.dataclass

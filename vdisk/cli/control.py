@@ -7,8 +7,8 @@ import sys
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vdisk.qcow2.cache import CacheOptions
-    from vdisk.serve import ServeOptions, serve
+    from vdisk.formats.qcow2.cache import CacheOptions
+    from vdisk.serving.launcher import ServeOptions, serve
     from vdisk.units import parse_size
 
     if args.socket and args.bind:
@@ -31,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     from vdisk.units import parse_size
-    from vdisk.client import Monitor, wait_for_job
+    from vdisk.qmp.client import Monitor, wait_for_job
 
     with Monitor(args.qmp) as monitor:
         job_id = args.job_id or args.device
@@ -52,7 +52,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from vdisk.client import Monitor
+    from vdisk.qmp.client import Monitor
 
     with Monitor(args.qmp) as monitor:
         print(monitor.hmp("info block-jobs"), end="")
@@ -61,7 +61,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """An HMP shell over QMP's human-monitor-command, like QEMU's (qemu) prompt."""
-    from vdisk.client import Monitor
+    from vdisk.qmp.client import Monitor
 
     with Monitor(args.qmp) as monitor:
         lines = args.command or None
@@ -85,7 +85,7 @@ def _input_lines(prompt: bool):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vdisk.demo import run_demo
+    from vdisk.harness.demo import run_demo
 
     return run_demo(args.workdir, size_mib=args.size, keep=args.keep)
 

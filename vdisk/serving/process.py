@@ -1,6 +1,6 @@
 """The serving process's state: the block devices, their jobs and the QMP monitor.
 
-nbdkit loads ``vdisk.nbdkit_plugin``, which forwards its lifecycle here: ``config`` collects keys,
+nbdkit loads ``vdisk.serving.nbdkit_plugin``, which forwards its lifecycle here: ``config`` collects keys,
 ``open`` (nbdkit's get_ready, before serving) opens the chain so a bad image fails before any client
 connects, ``start`` (after_fork) starts the monitor thread, ``shutdown`` (cleanup, on SIGTERM) cancels jobs,
 flushes and closes the images cleanly.
@@ -12,10 +12,10 @@ import logging
 import os
 import threading
 
-from vdisk import chain
-from vdisk.blockdev import BlockDevice
+from vdisk.block import chain
+from vdisk.block.device import BlockDevice
 from vdisk.errors import DeviceNotFound, GenericError, VdiskError
-from vdisk.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
+from vdisk.formats.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
 from vdisk.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class Server:
 
     def start(self) -> None:
         if self.qmp_path:
-            from vdisk.qmp.server import MonitorServer
+            from vdisk.qmp.monitor import MonitorServer
 
             self.monitor = MonitorServer(self.qmp_path, self)
             self.monitor.start()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vdisk.chain import close_chain, open_chain
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.block.chain import close_chain, open_chain
+from vdisk.formats.qcow2.image import Qcow2Image
 
 MiB = 1 << 20
 BLOCK = 65536
@@ -91,8 +91,8 @@ def _qemu_img(*args: str) -> subprocess.CompletedProcess:
 
 
 def run_demo(workdir: str | None = None, *, size_mib: int = 256, keep: bool = False) -> int:
-    from vdisk.client import Monitor, wait_for_job
-    from vdisk.guest import ensure_guest_artifacts, start_guest
+    from vdisk.qmp.client import Monitor, wait_for_job
+    from vdisk.harness.guest import ensure_guest_artifacts, start_guest
 
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="vdisk-demo-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from vdisk.backend import Backend
-from vdisk.chain import resolve_backing
-from vdisk.qcow2 import format as fmt
-from vdisk.qcow2.image import Qcow2Image
+from vdisk.formats.node import Backend
+from vdisk.block.chain import resolve_backing
+from vdisk.formats.qcow2 import format as fmt
+from vdisk.formats.qcow2.image import Qcow2Image
 
 
 def node_info(node: Backend) -> dict:

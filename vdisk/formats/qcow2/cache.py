@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 
 from vdisk.errors import InvalidArgument
-from vdisk.qcow2.tables import Table
+from vdisk.formats.qcow2.tables import Table
 
 DEFAULT_L2_CACHE_MAX_SIZE = 32 * 1024 * 1024  # QEMU on Linux
 DEFAULT_REFCOUNT_CACHE_TABLES = 4  # QEMU's MIN_REFCOUNT_CACHE_SIZE, also its default

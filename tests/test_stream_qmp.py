@@ -510,7 +510,7 @@ def test_two_streams_on_two_devices_of_one_server_in_process(tmp_path):
         commands.block_stream(server, device="vda", speed=4 * MiB)
         commands.block_stream(server, device="vdb", speed=4 * MiB)
         assert sorted(j["device"] for j in commands.query_block_jobs(server)) == ["vda", "vdb"]
-        threads = [job.thread for job in server.jobs.values()]
+        threads = [job.thread for job in server.jobs]
         for thread in threads:
             thread.join(30)
         assert commands.query_block_jobs(server) == []

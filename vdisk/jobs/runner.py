@@ -3,7 +3,7 @@
 Design notes
 ============
 ``Job`` (vdisk.jobs.job) is pure state; this module is the worker that drives it.  All calls into a job, and
-every event it returns, happen under ``server.job_lock`` (QEMU's job_mutex); events are broadcast while it is
+every event it returns, happen under ``JobRegistry.lock`` (QEMU's job_mutex); events are broadcast while it is
 held, so every client sees them in the order they happened.  The worker drops the lock for the copying
 (``StreamCopier.step``), sleeps on ``job.wakeup`` (a Condition on that lock) for rate limiting and pauses,
 and is woken by every verb that changes what it should do (pause, resume, cancel, set-speed).
@@ -23,26 +23,17 @@ import time
 from vdisk.formats.node import Backend
 from vdisk.block.device import BlockDevice
 from vdisk.errors import StorageError, VdiskError
-from vdisk.jobs.job import Event, Job, JobStatus, JobType
+from vdisk.jobs.job import Job, JobStatus, JobType
+from vdisk.jobs.registry import JobRegistry
 from vdisk.jobs.stream import StreamCopier
 
 log = logging.getLogger(__name__)
 
 
-def emit(server, events: list[Event]) -> None:
-    """Broadcast events (caller holds server.job_lock); forget jobs that reached the null state."""
-    for ev in events:
-        if server.monitor is not None:
-            server.monitor.broadcast(ev.name, ev.data)
-    for job_id, job in list(server.jobs.items()):
-        if job.status is JobStatus.NULL:
-            del server.jobs[job_id]
-
-
 class StreamJob(Job):
     def __init__(
         self,
-        server,
+        registry: JobRegistry,
         device: BlockDevice,
         job_id: str,
         base: Backend | None,
@@ -54,7 +45,7 @@ class StreamJob(Job):
         target: Backend | None = None,
     ):
         super().__init__(job_id, JobType.STREAM, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
-        self.server = server
+        self.registry = registry
         self.device = device
         self.base = base
         self.backing_file = backing_file
@@ -62,7 +53,7 @@ class StreamJob(Job):
         # Streaming into an intermediate node: the caller reopened it read-write; _clean reopens it read-only.
         self.intermediate = target is not None and target is not device.top
         self.copier = StreamCopier(device, base, target=target)
-        self.wakeup = threading.Condition(server.job_lock)
+        self.wakeup = threading.Condition(registry.lock)
         self.thread = threading.Thread(target=self._run, name=f"vdisk-job-{job_id}", daemon=True)
         self.progress_set_remaining(self.copier.length)
 
@@ -84,12 +75,12 @@ class StreamJob(Job):
     def launch(self) -> None:
         """Start the job (lock held).  QEMU starts it inside block-stream: 'running' precedes the reply, and a
         cancel can never find a created job whose worker has not started yet."""
-        emit(self.server, self.start())
+        self.registry.emit(self.start())
         self.device.job = self
         if not self.intermediate:  # copy-on-read fills the active image only
             self.device.cor_base = self.base
             self.device.cor_active = True
-        self.server.jobs[self.id] = self
+        self.registry.add(self)
         self.thread.start()
 
     def poke(self) -> None:
@@ -97,9 +88,9 @@ class StreamJob(Job):
         self.wakeup.notify_all()
 
     def cancel_and_wait(self, timeout: float = 60.0) -> None:
-        with self.server.job_lock:
+        with self.registry.lock:
             if self.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
-                emit(self.server, self.cancel_unchecked(force=True))
+                self.registry.emit(self.cancel_unchecked(force=True))
                 self.poke()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
@@ -107,7 +98,7 @@ class StreamJob(Job):
     # --- the worker --------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        lock = self.server.job_lock
+        lock = self.registry.lock
         copier = self.copier
         position = 0
         # The first copy error, reported when the run ends even if on-error let the job go on (QEMU's
@@ -155,8 +146,8 @@ class StreamJob(Job):
                 error = error or exc
             with lock:
                 if self.paused:
-                    emit(self.server, self.leave_pause_point())
-                emit(self.server, self.complete_run(_qemu_error(error)))
+                    self.registry.emit(self.leave_pause_point())
+                self.registry.emit(self.complete_run(_qemu_error(error)))
 
     def _wait_to_copy(self) -> bool:
         """Pause point and rate limit (lock held).  False when the job was cancelled."""
@@ -164,10 +155,10 @@ class StreamJob(Job):
             if self.is_cancelled:
                 return False
             if self.pause_requested:
-                emit(self.server, self.on_pause_point())
+                self.registry.emit(self.on_pause_point())
                 while self.pause_requested and not self.is_cancelled:
                     self.wakeup.wait()
-                emit(self.server, self.leave_pause_point())
+                self.registry.emit(self.leave_pause_point())
                 continue
             delay = self.ratelimit_delay(time.monotonic())
             if delay <= 0:
@@ -177,9 +168,9 @@ class StreamJob(Job):
             self.wakeup.wait(delay)
 
     def _on_copy_error(self, exc: VdiskError) -> str:
-        with self.server.job_lock:
+        with self.registry.lock:
             action, events = self.error_action(self.on_error, getattr(exc, "is_read", False), exc.errno)
-            emit(self.server, events)
+            self.registry.emit(events)
         log.warning("stream job %s: %s (action: %s)", self.id, exc, action)
         return action
 
@@ -189,9 +180,3 @@ def _qemu_error(error: BaseException | None) -> BaseException | None:
     if isinstance(error, StorageError):
         return OSError(error.errno, os.strerror(error.errno))
     return error
-
-
-def cancel_all(server) -> None:
-    """Cancel every job of the server and wait for its thread (shutdown)."""
-    for job in list(server.jobs.values()):
-        job.cancel_and_wait()

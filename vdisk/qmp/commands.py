@@ -17,7 +17,8 @@ import vdisk
 from vdisk.block import chain
 from vdisk.errors import DeviceInUse, DeviceNotActive, GenericError, InvalidArgument, VdiskError
 from vdisk.jobs.job import ON_ERROR_VALUES, JobStatus, validate_job_id
-from vdisk.jobs.runner import StreamJob, emit
+from vdisk.jobs.registry import JobRegistry
+from vdisk.jobs.runner import StreamJob
 from vdisk.jobs.stream import find_base
 from vdisk.formats.qcow2.image import Qcow2Image
 from vdisk.qmp import protocol
@@ -85,23 +86,6 @@ def find_device_or_node(server, device: str):
             if device in (node_name(node), node.path, os.path.basename(node.path)):
                 return dev, node
     raise GenericError(f"Cannot find device='{device}' nor node-name='{device}'")
-
-
-def find_block_job(server, job_id: str) -> StreamJob:
-    job = server.jobs.get(job_id)
-    if job is None:
-        for candidate in server.jobs.values():
-            if candidate.device.name == job_id:
-                return candidate
-        raise DeviceNotActive(f"Block job '{job_id}' not found")
-    return job
-
-
-def find_job(server, job_id: str) -> StreamJob:
-    job = server.jobs.get(job_id)
-    if job is None:
-        raise GenericError("Job not found")
-    return job
 
 
 def _busy(device) -> DeviceInUse:
@@ -192,14 +176,14 @@ def query_named_block_nodes(server, flat: bool = False) -> list:
 
 @command("query-block-jobs")
 def query_block_jobs(server) -> list:
-    with server.job_lock:
-        return [job.info() for job in server.jobs.values() if job.status is not JobStatus.NULL]
+    with server.jobs.lock:
+        return [job.info() for job in server.jobs if job.status is not JobStatus.NULL]
 
 
 @command("query-jobs")
 def query_jobs(server) -> list:
-    with server.job_lock:
-        return [job.query_jobs_info() for job in server.jobs.values() if job.status is not JobStatus.NULL]
+    with server.jobs.lock:
+        return [job.query_jobs_info() for job in server.jobs if job.status is not JobStatus.NULL]
 
 
 # --- block-stream -----------------------------------------------------------------------------------
@@ -228,7 +212,7 @@ def block_stream(server, device: str, job_id: str | None = None, base: str | Non
     base_bs = find_base(dev, base, base_bs, top=node)
     if backing_file is not None and base_bs is None:
         raise GenericError("backing file specified, but streaming the entire chain")
-    with server.job_lock:
+    with server.jobs.lock:
         if dev.job is not None:
             raise _busy(dev)
         job_id = job_id if job_id is not None else dev.name
@@ -239,7 +223,7 @@ def block_stream(server, device: str, job_id: str | None = None, base: str | Non
             # QEMU's stream into an intermediate image: it is writable for the job's life (bdrv_reopen).
             target = dev.reopen_node(node, read_only=False)
         try:
-            job = StreamJob(server, dev, job_id, base_bs, backing_file=backing_file, on_error=on_error,
+            job = StreamJob(server.jobs, dev, job_id, base_bs, backing_file=backing_file, on_error=on_error,
                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, target=target)
         except BaseException:
             if target is not None:
@@ -250,11 +234,11 @@ def block_stream(server, device: str, job_id: str | None = None, base: str | Non
             job.set_speed(speed)
         except VdiskError:
             job.copier.close()
-            emit(server, events + job.early_fail())
+            server.jobs.emit(events + job.early_fail())
             if target is not None:
                 dev.reopen_node(target, read_only=True)
             raise
-        emit(server, events)
+        server.jobs.emit(events)
         job.launch()
 
 
@@ -262,42 +246,42 @@ def block_stream(server, device: str, job_id: str | None = None, base: str | Non
 
 
 def _verb(server, job, action: Callable[[], list]) -> None:
-    emit(server, action())
+    server.jobs.emit(action())
     job.poke()
 
 
 @command("block-job-set-speed", {"device": "str", "speed": "int"})
 def block_job_set_speed(server, device: str, speed: int) -> None:
-    with server.job_lock:
-        job = find_block_job(server, device)
+    with server.jobs.lock:
+        job = server.jobs.find_block_job(device)
         _verb(server, job, lambda: job.set_speed(speed))
 
 
 @command("block-job-pause", {"device": "str"})
 def block_job_pause(server, device: str) -> None:
-    with server.job_lock:
-        job = find_block_job(server, device)
+    with server.jobs.lock:
+        job = server.jobs.find_block_job(device)
         _verb(server, job, job.user_pause)
 
 
 @command("block-job-resume", {"device": "str"})
 def block_job_resume(server, device: str) -> None:
-    with server.job_lock:
-        job = find_block_job(server, device)
+    with server.jobs.lock:
+        job = server.jobs.find_block_job(device)
         _verb(server, job, job.user_resume)
 
 
 @command("block-job-cancel", {"device": "str", "*force": "bool"})
 def block_job_cancel(server, device: str, force: bool = False) -> None:
-    with server.job_lock:
-        job = find_block_job(server, device)
+    with server.jobs.lock:
+        job = server.jobs.find_block_job(device)
         _verb(server, job, lambda: job.block_job_cancel(force))
 
 
 @command("block-job-complete", {"device": "str"})
 def block_job_complete(server, device: str) -> None:
-    with server.job_lock:
-        job = find_block_job(server, device)
+    with server.jobs.lock:
+        job = server.jobs.find_block_job(device)
         _verb(server, job, job.complete)
 
 
@@ -305,8 +289,8 @@ def _job_verb_command(find: Callable, verb: Callable) -> Handler:
     """A command that looks a job up by its ``id`` (``find``) and applies one verb to it."""
 
     def run(server, id: str) -> None:  # noqa: A002 - QMP's argument name
-        with server.job_lock:
-            job = find(server, id)
+        with server.jobs.lock:
+            job = find(server.jobs, id)
             _verb(server, job, lambda: verb(job))
 
     return run
@@ -314,14 +298,14 @@ def _job_verb_command(find: Callable, verb: Callable) -> Handler:
 
 # The commands that name a job by id and take no other argument: one table instead of a function each.
 _ID_VERBS: dict[str, tuple[Callable, Callable]] = {
-    "block-job-finalize": (find_block_job, lambda job: job.finalize()),
-    "block-job-dismiss": (find_block_job, lambda job: job.dismiss()),
-    "job-pause": (find_job, lambda job: job.user_pause()),
-    "job-resume": (find_job, lambda job: job.user_resume()),
-    "job-cancel": (find_job, lambda job: job.cancel(True)),
-    "job-complete": (find_job, lambda job: job.complete()),
-    "job-finalize": (find_job, lambda job: job.finalize()),
-    "job-dismiss": (find_job, lambda job: job.dismiss()),
+    "block-job-finalize": (JobRegistry.find_block_job, lambda job: job.finalize()),
+    "block-job-dismiss": (JobRegistry.find_block_job, lambda job: job.dismiss()),
+    "job-pause": (JobRegistry.find, lambda job: job.user_pause()),
+    "job-resume": (JobRegistry.find, lambda job: job.user_resume()),
+    "job-cancel": (JobRegistry.find, lambda job: job.cancel(True)),
+    "job-complete": (JobRegistry.find, lambda job: job.complete()),
+    "job-finalize": (JobRegistry.find, lambda job: job.finalize()),
+    "job-dismiss": (JobRegistry.find, lambda job: job.dismiss()),
 }
 for _name, (_find, _apply) in _ID_VERBS.items():
     command(_name, {"id": "str"})(_job_verb_command(_find, _apply))
@@ -346,7 +330,7 @@ def blockdev_snapshot_sync(server, snapshot_file: str, device: str | None = None
         raise InvalidArgument(f"Format '{format}' cannot be used for a snapshot overlay (vdisk makes qcow2)")
     if dev.read_only:
         raise GenericError(f"Device '{dev.name}' is read-only")
-    with server.job_lock:
+    with server.jobs.lock:
         if dev.job is not None:
             raise _busy(dev)
         old_top = dev.top

@@ -15,6 +15,7 @@ import threading
 from vdisk.block import chain
 from vdisk.block.device import BlockDevice
 from vdisk.errors import DeviceNotFound, GenericError, VdiskError
+from vdisk.jobs.registry import JobRegistry
 from vdisk.formats.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
 from vdisk.units import parse_size
 
@@ -55,9 +56,8 @@ class Server:
         self.cache = CacheOptions()
         self._stopping = threading.Event()
         self.devices: dict[str, BlockDevice] = {}
-        self.job_lock = threading.RLock()  # QEMU's job_mutex: every job call and event emission
+        self.jobs = JobRegistry()
         self.monitor = None
-        self.jobs: dict = {}
         self.shutdown_hook = None  # set by the nbdkit adapter: asks nbdkit to stop (QMP quit)
 
     # --- configuration (nbdkit config / config_complete) ---------------------------------------------
@@ -119,6 +119,7 @@ class Server:
             from vdisk.qmp.monitor import MonitorServer
 
             self.monitor = MonitorServer(self.qmp_path, self)
+            self.jobs.broadcast = self.monitor.broadcast
             self.monitor.start()
         if self.cache.cache_clean_interval:
             threading.Thread(target=self._clean_caches, name="vdisk-cache-clean", daemon=True).start()
@@ -133,9 +134,7 @@ class Server:
                         log.info("%s: dropped %d idle cached tables", node.path, dropped)
 
     def shutdown(self) -> None:
-        from vdisk.jobs.runner import cancel_all
-
-        cancel_all(self)
+        self.jobs.cancel_all()
         self._stopping.set()
         if self.monitor is not None:
             self.monitor.stop()

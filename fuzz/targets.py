@@ -220,7 +220,7 @@ def qcow2_image(data: bytes, workdir: ImageWorkdir, *, write: bool = False) -> N
         pass
     finally:
         try:
-            chain.close_chain(top)
+            top.close()
         except VdiskError:
             pass
     workdir.assert_only_the_image_changed()

@@ -364,7 +364,7 @@ def test_qcow2_image_corpus_reads_like_qemu(workdir, traced, path, tmp_path):
         buf = bytearray(length)
         top.pread(buf, 0)
     finally:
-        chain.close_chain(top)
+        top.close()
     with open(raw, "rb") as f:
         assert f.read(length) == bytes(buf)
 
@@ -471,7 +471,7 @@ def test_backing_file_that_is_not_a_regular_file_is_refused_at_open(tmp_path, ki
 
 
 def test_a_node_that_fails_to_close_does_not_keep_the_rest_of_the_chain_open(tmp_path, monkeypatch):
-    """Found by review of the target's clean-up path: close_chain stopped at the first node whose final flush
+    """Found by review of the target's clean-up path: closing a chain stopped at the first node whose final flush
     failed, leaving every backing file open (a leaked fd per such image in a long-running process)."""
     import os
 
@@ -479,13 +479,13 @@ def test_a_node_that_fails_to_close_does_not_keep_the_rest_of_the_chain_open(tmp
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
     node = chain.open_chain(str(top))
-    backing_fd = node.backing.fd
+    backing_fd = node.nodes[1].fd
 
     def failing_flush() -> None:
         raise errors.StorageError("flush failed: EIO (injected)", path=str(top))
 
-    monkeypatch.setattr(node, "flush", failing_flush)
+    monkeypatch.setattr(node.top, "flush", failing_flush)
     with pytest.raises(errors.StorageError):
-        chain.close_chain(node)
+        node.close()
     with pytest.raises(OSError):
         os.fstat(backing_fd)  # closed

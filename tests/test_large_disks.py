@@ -108,7 +108,7 @@ def test_flushed_writes_survive_cache_eviction(tmp_path, size, backing, cache, c
                 lost.append(offset)
         assert not lost, f"{len(lost)} of {len(writes)} flushed writes read back wrong (first at {lost[0]:#x})"
     finally:
-        chain.close_chain(top)
+        top.close()
     _check_against_model(top_path, _model(tmp_path / "model.raw", size, writes, base_data))
 
 
@@ -229,7 +229,7 @@ def test_decompressed_cluster_cache_follows_rewrites(tmp_path, cache):
         assert buf == b"\x22" * 65536
         top.flush()
     finally:
-        chain.close_chain(top)
+        top.close()
     assert_clean(path)
     model = tmp_path / "model.raw"
     _model(model, size, [(0, b"\x11" * 65536), (4096, b"\x33" * 512), (near_end, b"\x22" * 65536)])
@@ -265,7 +265,7 @@ def test_freed_clusters_are_reused_only_after_their_pointers_are_gone(tmp_path, 
             top.pread(buf, offset + 65536)
             assert buf == bytes([0x80 + k]) * 65536
     finally:
-        chain.close_chain(top)
+        top.close()
     assert_clean(path)
 
 
@@ -291,7 +291,7 @@ def test_allocation_across_refcount_block_boundaries(tmp_path, refcount_bits):
                 top.flush()
         top.flush()
     finally:
-        chain.close_chain(top)
+        top.close()
     assert_clean(path)
     assert qemu_img_compare(path, _model(tmp_path / "model.raw", 8 << 30, writes))
 

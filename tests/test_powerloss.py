@@ -82,7 +82,7 @@ def stream_in_process(path: Path, cache: CacheOptions) -> None:
     top = chain.open_chain(str(path), cache=cache)
     device = BlockDevice("replay", top, cache=cache)
     try:
-        if top.backing is not None:
+        if len(top.nodes) > 1:
             copier = StreamCopier(device, None)
             try:
                 position = 0

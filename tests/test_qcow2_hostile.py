@@ -22,7 +22,7 @@ import pytest
 from conftest import assert_clean, qemu_img_check, qemu_raw, run, vdisk, vdisk_main
 
 from vdisk import errors
-from vdisk.block.chain import MAX_CHAIN_DEPTH, close_chain, open_chain
+from vdisk.block.chain import MAX_CHAIN_DEPTH, open_chain
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.image import Qcow2Image
 
@@ -247,7 +247,7 @@ def open_and_read(path: Path) -> None:
         buf = bytearray(top.size)
         top.pread(buf, 0)
     finally:
-        close_chain(top)
+        top.close()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -296,7 +296,7 @@ def test_data_cluster_past_the_end_of_the_file_reads_as_zeros_like_qemu(image: P
         ours = bytearray(top.size)
         top.pread(ours, 0)
     finally:
-        close_chain(top)
+        top.close()
     assert time.monotonic() - start < 1.0
     assert ours == qemu_raw(image, tmp_path / "qemu.raw")
     assert ours[:CLUSTER] == bytes(CLUSTER)
@@ -367,7 +367,7 @@ def _linear_chain(directory: Path, links: int) -> Path:
 
 def test_chain_at_the_depth_limit_opens_and_one_more_is_refused(tmp_path: Path):
     top = _linear_chain(tmp_path, MAX_CHAIN_DEPTH)
-    close_chain(open_chain(str(top), read_only=True))
+    open_chain(str(top), read_only=True).close()
     Qcow2Image.create(str(tmp_path / "deeper.qcow2"), MiB, backing_file=top.name, backing_format="qcow2")
     start = time.monotonic()
     with pytest.raises(errors.BackingChainError, match=f"deeper than {MAX_CHAIN_DEPTH}"):
@@ -403,7 +403,7 @@ def test_corrupt_bit_refuses_read_write_but_allows_read_only(image: Path):
         top.pread(buf, 0)
         assert buf == b"\x11" * CLUSTER
     finally:
-        close_chain(top)
+        top.close()
     info = vdisk("info", "--output=json", str(image))
     assert '"corrupt": true' in info.stdout
 

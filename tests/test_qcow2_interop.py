@@ -29,7 +29,7 @@ from conftest import assert_clean, qemu_img_check, qemu_img_compare, qemu_raw, r
 
 from vdisk import errors
 from vdisk.cli import main as cli
-from vdisk.block.chain import block_status, close_chain, nodes, open_chain
+from vdisk.block.chain import open_chain
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.image import Qcow2Image
 
@@ -84,7 +84,7 @@ def read_all(path: Path | str, guest_offset: int = 0, length: int | None = None)
         top.pread(buf, guest_offset)
         return bytes(buf)
     finally:
-        close_chain(top)
+        top.close()
 
 
 # --- direction 1: images qemu makes ---------------------------------------------------------------------
@@ -516,12 +516,12 @@ def test_vdisk_writes_over_qemu_images_stay_clean_and_identical(made: Made, buil
         return
     top = open_chain(str(image))
     try:
-        v3_or_no_backing = top.header.version >= 3 or top.backing is None
-        for op in write_sequence(top.cluster_size, top.size):
+        v3_or_no_backing = top.top.header.version >= 3 or len(top.nodes) == 1
+        for op in write_sequence(top.top.cluster_size, top.size):
             if op[0] == "flush":
                 top.flush()
             elif op[0] == "reopen":
-                close_chain(top)
+                top.close()
                 top = open_chain(str(image))
             else:
                 apply(top, model, op, v3_or_no_backing)
@@ -529,7 +529,7 @@ def test_vdisk_writes_over_qemu_images_stay_clean_and_identical(made: Made, buil
         top.pread(buf, 0)
         assert buf == model
     finally:
-        close_chain(top)
+        top.close()
     (tmp_path / "model.raw").write_bytes(model)
     for node in _chain_files(image):
         assert_clean(node)
@@ -540,9 +540,9 @@ def test_vdisk_writes_over_qemu_images_stay_clean_and_identical(made: Made, buil
 def _chain_files(image: Path) -> list[str]:
     top = open_chain(str(image), read_only=True, force_share=True)
     try:
-        return [n.path for n in nodes(top) if n.format_name == "qcow2"]
+        return [n.path for n in top.nodes if n.format_name == "qcow2"]
     finally:
-        close_chain(top)
+        top.close()
 
 
 # --- check on damaged images agrees with qemu-img check -----------------------------------------------
@@ -736,12 +736,12 @@ def test_vdisk_made_image_is_clean_and_read_identically_by_qemu(options: Options
             if op[0] == "flush":
                 top.flush()
             elif op[0] == "reopen":
-                close_chain(top)
+                top.close()
                 top = open_chain(str(image))
             else:
                 apply(top, model, op, v3_or_no_backing)
     finally:
-        close_chain(top)
+        top.close()
     (tmp_path / "model.raw").write_bytes(model)
     assert_clean(image)
     assert qemu_img_compare(image, tmp_path / "model.raw")
@@ -785,9 +785,9 @@ def test_block_status_depth_matches_qemu_img_map_on_a_range(built, capsys):
     image = built(next(m for m in IMAGES if m.id == "chain-4-relative"))
     top = open_chain(str(image), read_only=True, force_share=True)
     try:
-        ours = [e.as_json() for e in block_status(top, 700 * KiB, 2 * MiB)]
+        ours = [e.as_json() for e in top.block_status(700 * KiB, 2 * MiB)]
     finally:
-        close_chain(top)
+        top.close()
     _, theirs = qemu_json("map", "-U", "--output=json", "--start-offset", str(700 * KiB),
                           "--max-length", str(2 * MiB), image)
     keys = common_keys(theirs, ours)

@@ -35,7 +35,7 @@ from conftest import assert_clean, qemu_img_compare, qemu_map, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vdisk.block.chain import chain_map, close_chain, open_chain
+from vdisk.block.chain import open_chain
 from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions
 from vdisk.formats.qcow2.image import Qcow2Image
 from vdisk.formats.raw import RawImage
@@ -287,7 +287,7 @@ def build_lower(directory: Path, level: int, lower: Lower, backing: tuple[str, s
             for offset, length, pattern in lower.writes:
                 top.pwrite(random.Random(pattern).randbytes(length), offset)
         finally:
-            close_chain(top)
+            top.close()
     return path.name, "qcow2"
 
 
@@ -396,13 +396,13 @@ def run_sequence(top_path: Path, model: DiskModel, ops: list[tuple], *, checked:
             elif kind == "flush":
                 top.flush()
             elif kind == "reopen":
-                close_chain(top)
+                top.close()
                 top = open_chain(str(top_path), cache=cache)
         for offset, length in checked:
             assert read(top, offset, length) == model.read(offset, length), \
                 f"{offset:#x}+{length:#x} differs from the model at the end"
     finally:
-        close_chain(top)
+        top.close()
 
 
 def read(top, offset: int, length: int) -> bytearray:
@@ -417,9 +417,9 @@ def check_with_qemu(top_path: Path, model_path: Path, cache: CacheOptions) -> No
     # Block status through the chain, as qemu-img map sees the same files.
     top = open_chain(str(top_path), read_only=True, cache=cache)
     try:
-        ours = [e.as_json() for e in chain_map(top)]
+        ours = [e.as_json() for e in top.map()]
     finally:
-        close_chain(top)
+        top.close()
     assert ours == qemu_map(top_path)
 
 
@@ -502,7 +502,7 @@ def test_v2_discard_with_a_backing_file_leaves_the_data(tmp_path: Path):
         assert read(top, 0, 65536) == b"\x44" * 65536
         assert read(top, 65536, 65536) == b"\x33" * 65536
     finally:
-        close_chain(top)
+        top.close()
     assert_clean(tmp_path / "top.qcow2")
 
 
@@ -518,6 +518,6 @@ def test_v3_discard_with_a_backing_file_reads_zeros_but_partial_clusters_keep_da
         assert read(top, 65536, 2 * 65536) == bytes(2 * 65536)
         assert read(top, 3 * 65536, 65536) == b"\x33" * 65536
     finally:
-        close_chain(top)
+        top.close()
     assert_clean(tmp_path / "top.qcow2")
     run("qemu-io", "-c", "read -P 0 64k 128k", "-c", "read -P 0x33 192k 64k", tmp_path / "top.qcow2")

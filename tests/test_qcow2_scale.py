@@ -50,7 +50,7 @@ import pytest
 from conftest import assert_clean, qemu_img_check, qemu_img_compare, qemu_map, run, vdisk_main
 
 from vdisk.io import native
-from vdisk.block.chain import block_status, close_chain, merge_extents, open_chain
+from vdisk.block.chain import merge_extents, open_chain
 from vdisk.errors import OutOfRange
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions
@@ -246,7 +246,7 @@ def take_turns(image: Path, cache: CacheOptions, spots: list[Spot], tmp_path: Pa
             model.apply(s.vdisk_first)
         model.assert_reads(top, "vdisk's first turn, before closing")
     finally:
-        close_chain(top)
+        top.close()
 
     commands = []
     for i, s in enumerate(spots):
@@ -264,7 +264,7 @@ def take_turns(image: Path, cache: CacheOptions, spots: list[Spot], tmp_path: Pa
             model.apply(s.vdisk_last)
         model.assert_reads(top, "vdisk's second turn, before closing")
     finally:
-        close_chain(top)
+        top.close()
 
     everything = [w for s in spots for w in s.writes]
     allocated = guest_clusters(everything, cluster_size) | set(allocated_before)
@@ -294,10 +294,10 @@ def take_turns(image: Path, cache: CacheOptions, spots: list[Spot], tmp_path: Pa
             assert proc.returncode == 0, f"window {start:#x}+{end - start:#x}: {proc.stdout}{proc.stderr}"
             theirs = json.loads(run("qemu-img", "map", "-U", "--output=json", "--start-offset", start,
                                     "--max-length", end - start, image).stdout)
-            ours = [e.as_json() for e in merge_extents(block_status(top, start, end - start))]
+            ours = [e.as_json() for e in merge_extents(top.block_status(start, end - start))]
             assert ours == theirs, f"map of window {start:#x}+{end - start:#x}"
     finally:
-        close_chain(top)
+        top.close()
 
 
 # --- the largest disks ---------------------------------------------------------------------------------------
@@ -454,7 +454,7 @@ def test_refcount_table_grows_in_turns_with_blocks_evicted(refcount_bits: int, t
             top.pread(buf, 0)
             assert buf == model
         finally:
-            close_chain(top)
+            top.close()
         tables.append(header_fields(image))
 
     first, second, third = turn_mib
@@ -495,7 +495,7 @@ def test_trimmed_clusters_are_reused_as_qemu_reuses_them(refcount_bits: int, tmp
     try:
         top.pwrite(first, 0)
     finally:
-        close_chain(top)
+        top.close()
     shutil.copyfile(ours, theirs)
     (tmp_path / "second.bin").write_bytes(second)
     qemu_io(theirs, f"discard {MiB} {2 * MiB}", f"write -q -s {tmp_path / 'second.bin'} {8 * MiB} {len(second)}")
@@ -505,7 +505,7 @@ def test_trimmed_clusters_are_reused_as_qemu_reuses_them(refcount_bits: int, tmp
         top.flush()  # the trimmed clusters are free from here on
         top.pwrite(second, 8 * MiB)
     finally:
-        close_chain(top)
+        top.close()
     for image in (ours, theirs):
         assert_clean(image)
     assert qemu_img_compare(ours, theirs, fmt_b="qcow2")
@@ -741,7 +741,7 @@ def test_image_with_metadata_and_data_past_2_32_clusters(cache_name: str, tmp_pa
         top.trim(KiB, KiB)  # frees cluster 2^32+5: its refcount, far out, must drop
         model[KiB : 2 * KiB] = bytes(KiB)
     finally:
-        close_chain(top)
+        top.close()
     referenced, counted = audit_one_bit_refcounts(image)
     assert referenced == counted and FAR + 5 not in counted
     # Block 0 is full and no block counts the clusters after it, so vdisk allocated at the end of the file.
@@ -762,7 +762,7 @@ def test_image_with_metadata_and_data_past_2_32_clusters(cache_name: str, tmp_pa
         top.pread(buf, 0)
         assert buf == model
     finally:
-        close_chain(top)
+        top.close()
     assert json.loads(vdisk_main(capsys, "map", "--output=json", image).stdout) == qemu_map(image)
 
     # Neither checks a file of more than INT_MAX clusters: qemu-img says "File too large", and so does vdisk

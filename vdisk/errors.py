@@ -102,6 +102,20 @@ class StorageError(ImageError):
         return cls(f"{action} failed: {_errno.errorcode.get(code, code)} ({exc.strerror})", path=path, os_errno=code)
 
 
+class CopyError(VdiskError):
+    """A block job's copy failed: ``cause`` says why, ``chunk_start`` where, ``is_read`` which side failed
+    (reading the chain, or writing the target: QEMU's on-error policies tell them apart).  The errno and the
+    QMP class are the cause's."""
+
+    def __init__(self, cause: VdiskError, *, chunk_start: int, is_read: bool):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.errno = cause.errno
+        self.qmp_class = cause.qmp_class
+        self.chunk_start = chunk_start
+        self.is_read = is_read
+
+
 # --- control plane -----------------------------------------------------------------------------------
 
 

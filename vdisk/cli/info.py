@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 
-from vdisk.formats.node import Backend
 from vdisk.block.chain import resolve_backing
-from vdisk.formats.qcow2 import format as fmt
-from vdisk.formats.qcow2.image import Qcow2Image
+from vdisk.formats.node import Node
 
 
-def node_info(node: Backend) -> dict:
+def node_info(node: Node) -> dict:
     st = os.stat(node.path)
     info: dict = {
         "virtual-size": node.size,
@@ -19,27 +17,12 @@ def node_info(node: Backend) -> dict:
         "actual-size": st.st_blocks * 512,
         "dirty-flag": False,
     }
-    if isinstance(node, Qcow2Image):
-        h = node.header
-        info["cluster-size"] = node.cluster_size
-        if h.backing_file:
-            info["backing-filename"] = h.backing_file
-            info["full-backing-filename"] = resolve_backing(node.path, h.backing_file)
-            if h.backing_format:
-                info["backing-filename-format"] = h.backing_format
-        data = {"compat": "1.1" if h.version >= 3 else "0.10"}
-        if h.version >= 3:
-            data.update({
-                "compression-type": fmt.COMPRESSION_NAMES[h.compression_type],
-                "lazy-refcounts": bool(h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS),
-                "refcount-bits": h.refcount_bits,
-                "corrupt": bool(h.incompatible_features & fmt.INCOMPAT_CORRUPT),
-                "extended-l2": h.extended_l2,
-            })
-        else:
-            data.update({"compression-type": "zlib", "refcount-bits": 16})
-        info["format-specific"] = {"type": "qcow2", "data": data}
-        info["dirty-flag"] = bool(h.incompatible_features & fmt.INCOMPAT_DIRTY)
+    info.update(node.describe())
+    if node.backing_name:
+        info["backing-filename"] = node.backing_name
+        info["full-backing-filename"] = resolve_backing(node.path, node.backing_name)
+        if node.backing_format:
+            info["backing-filename-format"] = node.backing_format
     return info
 
 

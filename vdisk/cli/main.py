@@ -25,7 +25,7 @@ def _parse_options(text: str | None) -> dict[str, str]:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from vdisk.block.chain import open_chain, close_chain
+    from vdisk.block.chain import open_chain
     from vdisk.formats.qcow2 import format as fmt
     from vdisk.formats.qcow2.image import Qcow2Image
     from vdisk.formats.raw import RawImage
@@ -43,7 +43,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                              force_share=True)
         if size is None:
             size = backing.size
-        close_chain(backing)
+        backing.close()
     if size is None:
         raise OutOfRange("a size is needed when there is no backing file")
     if args.format == "raw":
@@ -84,14 +84,14 @@ def _probe(image: str, backing: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vdisk.block.chain import close_chain, nodes, open_chain
+    from vdisk.block.chain import open_chain
     from vdisk.cli.info import node_info, render_info
 
-    top = open_chain(args.filename, args.format, read_only=True, force_share=args.force_share)
+    chain = open_chain(args.filename, args.format, read_only=True, force_share=args.force_share)
     try:
-        infos = [node_info(node) for node in (nodes(top) if args.backing_chain else [top])]
+        infos = [node_info(node) for node in (chain.nodes if args.backing_chain else [chain.top])]
     finally:
-        close_chain(top)
+        chain.close()
     if args.output == "json":
         print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
     else:
@@ -100,24 +100,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from vdisk.block.chain import chain_map, close_chain, open_chain
+    from vdisk.block.chain import open_chain
 
-    top = open_chain(args.filename, args.format, read_only=True, force_share=args.force_share)
+    chain = open_chain(args.filename, args.format, read_only=True, force_share=args.force_share)
     try:
-        extents = chain_map(top)
-        names = {}
-        for e in extents:
-            if e.node is not None:
-                names[id(e)] = e.node.path
+        extents = chain.map()
+        paths = [node.path for node in chain.nodes]
     finally:
-        close_chain(top)
+        chain.close()
     if args.output == "json":
         print("[" + ",\n".join(_map_json_line(e.as_json()) for e in extents) + "]")
     else:
         print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
         for e in extents:
             if e.data and e.offset is not None:
-                print(f"{_c_hex(e.start):<16}{_c_hex(e.length):<16}{_c_hex(e.offset):<16}{names.get(id(e), '')}")
+                print(f"{_c_hex(e.start):<16}{_c_hex(e.length):<16}{_c_hex(e.offset):<16}{paths[e.depth]}")
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vdisk.block.chain import close_chain, open_chain
+from vdisk.block.chain import open_chain
 from vdisk.formats.qcow2.image import Qcow2Image
 
 MiB = 1 << 20
@@ -74,7 +74,7 @@ def build_chain(workdir: Path, size: int) -> tuple[dict[str, Path], np.ndarray]:
             for cluster in rng.choice(clusters, 8, replace=False):
                 top.write_zeroes(int(cluster) * BLOCK, BLOCK)
                 model[cluster * BLOCK:(cluster + 1) * BLOCK] = 0
-        close_chain(top)
+        top.close()
     Qcow2Image.create(str(paths["D"]), size, backing_file="C.qcow2", backing_format="qcow2")
     return paths, model
 

@@ -377,8 +377,10 @@ def _pread_upto(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-def _fill_zero(view: memoryview) -> None:
-    np.frombuffer(view, dtype=np.uint8).fill(0)
+def zero_fill(view: memoryview) -> None:
+    """Zero a buffer in place (numpy, no Python loop)."""
+    if len(view):
+        np.frombuffer(view, dtype=np.uint8).fill(0)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -441,7 +443,7 @@ class PythonCore(Core):
         except OSError as exc:
             raise StorageError.from_oserror(exc, path=_fd_path(fd), action=_pread_action(view, offset)) from exc
         if got < len(view):
-            _fill_zero(view[got:])  # past end-of-file reads as zeros
+            zero_fill(view[got:])  # past end-of-file reads as zeros
 
     def _pwrite_full(self, fd: int, view: memoryview, offset: int) -> None:
         try:
@@ -506,9 +508,9 @@ class PythonCore(Core):
                 got = _pread_upto(src_fd, bounce[:chunk], src_offset + done)
                 if got < chunk:
                     at_eof = True  # everything from here on reads as zeros
-                    _fill_zero(bounce[got:chunk])
+                    zero_fill(bounce[got:chunk])
             elif not bounce_zeroed:
-                _fill_zero(bounce)
+                zero_fill(bounce)
                 bounce_zeroed = True
             _pwrite_all(dst_fd, bounce[:chunk], dst_offset + done)
             done += chunk
@@ -585,5 +587,6 @@ __all__ = [
     "pread_full",
     "pwrite_full",
     "pwrite_selected",
+    "zero_fill",
     "zero_map",
 ]

@@ -1,18 +1,21 @@
-"""The stream copier: fill the active image from its backing chain above a base, then drop the middle.
+"""The stream job: fill a node from its backing chain above a base, then drop the nodes in between.
+
+``StreamJob`` drives QEMU's job state machine (``vdisk.jobs.job``) from its own thread; ``StreamCopier`` does
+the copying, through the block layer only: ``Chain.copy_plan`` (the one walk) says what to copy, the
+pieces are read with the nodes' ``read_mapped``, the target's ``populate`` links them, and the block
+device's ``drop_between`` (a chain switch) finishes.
 
 Design notes
 ============
 The copier walks the disk in chunks (``CHUNK`` bytes, whole clusters).  For each chunk it holds the block
 device's COPY range lock (which excludes guest writes, not guest reads), maps the chunk through the chain
-below the target once (``resolve``: one ``map_units`` call per node, not one per run and per level as a
-recursive read makes; a middle image with scattered clusters cuts a chunk into many runs), takes the
-clusters that the target does not hold but the chain above the base does, reads them straight from the host
-offsets the map gave (compressed clusters, raw files and the base through their own ``pread``) into one of
-two reused chunk buffers, classifies all-zero clusters in C (``native.zero_map``, GIL released) and hands
-the buffer to ``Qcow2Image.populate``, which re-checks allocation under the image lock, allocates one
-contiguous host run for the non-zero clusters, writes them with one pwritev and links them with one batch
-of L2 updates.  Zero clusters become zero-flag clusters, never written zeros.  (``BlockDevice.copy_wanted``
-answers the same question for copy-on-read, one guest request at a time.)
+below the target once (``Chain.copy_plan``), takes the clusters that the target does not hold but the chain
+above the base does, reads them straight from where the pieces say they are into one of two reused chunk
+buffers, classifies all-zero clusters in C (``native.zero_map``, GIL released) and hands the buffer to the
+target's ``populate``, which re-checks allocation under the image lock, allocates one contiguous host run
+for the non-zero clusters, writes them with one pwritev and links them with one batch of L2 updates.  Zero
+clusters become zero-flag clusters, never written zeros.  (Copy-on-read asks ``copy_plan`` the same
+question, one guest request at a time.)
 
 Ranges the chain above the base does not hold are skipped without a lock (the nodes below the target
 never change while the job runs): after a chunk with nothing to copy, the next step maps a window twice as
@@ -28,30 +31,45 @@ Two stages overlap (these machines have 2 cores): while stage 2 (a worker thread
 (the job thread) reads chunk N+1.  Each chunk keeps its COPY lock from its read until its write is linked,
 so a guest write to that chunk waits at most for one chunk's copy and is never overwritten by it.
 
-Completion (``finish``): flush the active image (data, then metadata) with no lock held, then quiesce the
-device (wait for requests in flight, hold new ones), rewrite the backing pointer (one header write +
-fdatasync), relink the in-memory chain, release the device, close the dropped nodes.  A crash before the
+Completion (``finish``, through ``BlockDevice.drop_between``): flush the target (data, then metadata) with
+no lock held, then quiesce the device (wait for requests in flight, hold new ones), rewrite the backing
+pointer (one header write + fdatasync), relink the in-memory chain, release the device, close the dropped
+nodes.  A crash before the
 header write leaves the old, still valid chain (the copied clusters are harmless duplicates); after it, the
 new chain, whose data was made durable first.
-"""
 
+The job thread
+--------------
+``Job`` (vdisk.jobs.job) is pure state; this module is the worker that drives it.  All calls into a job, and
+every event it returns, happen under ``JobRegistry.lock`` (QEMU's job_mutex); events are broadcast while it is
+held, so every client sees them in the order they happened.  The worker drops the lock for the copying
+(``StreamCopier.step``), sleeps on ``job.wakeup`` (a Condition on that lock) for rate limiting and pauses,
+and is woken by every verb that changes what it should do (pause, resume, cancel, set-speed).
+
+The stream job's ``_prepare`` (run from ``complete_run`` or ``job-finalize``) switches the backing chain;
+``_clean`` releases the device (copy-on-read off, ``device.job`` cleared).  A cancelled or failed job never
+calls ``_prepare``: the chain stays as it was, and the clusters already copied are harmless duplicates.
+"""
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import ctypes.util
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
 
-from vdisk.block import chain
+from vdisk.block.device import BlockDevice
+from vdisk.block.rangelock import COPY
+from vdisk.errors import CopyError, DeviceNotActive, GenericError, StorageError, VdiskError
+from vdisk.formats.node import Node
 from vdisk.io import native
-from vdisk.formats.node import Backend
-from vdisk.block.device import COPY, BlockDevice
-from vdisk.errors import BackingChainError, DeviceNotActive, GenericError
-from vdisk.formats.qcow2 import format as fmt
-from vdisk.formats.qcow2.image import Qcow2Image, zero_fill
-import itertools
+from vdisk.jobs.job import Job, JobStatus, JobType
+from vdisk.jobs.registry import JobRegistry
 
 log = logging.getLogger(__name__)
 
@@ -63,62 +81,25 @@ MAX_SKIP = 1 << 30
 WRITEBACK_EVERY = 32 << 20
 
 
-def find_base(device: BlockDevice, base: str | None = None, base_node: Backend | None = None,
-              top: Backend | None = None) -> Backend | None:
-    """The node named by the user's ``base`` (a backing name as stored, or any path to the same file),
-    searched below ``top`` (the device's active image unless the stream goes into an intermediate node)."""
-    if base_node is not None:
-        return base_node
-    if base is None:
-        return None
-    nodes = list(chain.nodes(top if top is not None else device.top))
-    for above, node in itertools.pairwise(nodes):
-        stored = getattr(above, "header", None) and above.header.backing_file
-        if stored == base or os.path.abspath(base) == os.path.abspath(node.path) or _same_file(base, node.path):
-            return node
-    raise BackingChainError(f"Can't find '{base}' in the backing chain")
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def backing_name_for(top: Backend, base: Backend | None, above_base: Backend | None) -> tuple[str | None, str | None]:
-    """The backing name to write into ``top`` for ``base``: as it stood in the chain, re-relativised.
-
-    A relative name stays relative (to the active image's directory); an absolute one stays absolute.
-    """
-    if base is None:
-        return None, None
-    stored = above_base.header.backing_file if isinstance(above_base, Qcow2Image) else None
-    if stored is None or os.path.isabs(stored):
-        return stored or base.path, base.format_name
-    return os.path.relpath(chain.resolve_backing(above_base.path, stored), os.path.dirname(top.path) or "."), \
-        base.format_name
-
-
 class StreamCopier:
     """Copies, chunk by chunk, what the chain above ``base`` holds into the device's active image."""
 
-    def __init__(self, device: BlockDevice, base: Backend | None, *, chunk: int = CHUNK,
-                 target: Backend | None = None):
+    def __init__(self, device: BlockDevice, base: Node | None, *, chunk: int = CHUNK, target: Node | None = None):
         """``target``: the node to fill, the device's active image unless given (an intermediate node, which
         the caller has reopened read-write: see ``BlockDevice.reopen_node``)."""
-        top = target if target is not None else device.top
-        if not isinstance(top, Qcow2Image):
+        target = target if target is not None else device.top
+        if not target.can_have_backing:
             raise DeviceNotActive(f"Device '{device.name}' is not a qcow2 image with a backing file")
-        if top.read_only:
-            raise GenericError(f"Device '{device.name}' is read-only" if top is device.top
-                               else f"Node '{top.path}' is read-only")
+        if target.read_only:
+            raise GenericError(f"Device '{device.name}' is read-only" if target is device.top
+                               else f"Node '{target.path}' is read-only")
         self.device = device
-        self.top: Qcow2Image = top
+        self.chain = device.chain
+        self.target = target
         self.base = base
-        cs = top.cluster_size
+        cs = target.cluster_size
         self.chunk = max(cs, chunk // cs * cs)
-        self.length = top.size
+        self.length = target.size
         # Test hook: called with (chunk start, end) after the backing data is read, before it is linked,
         # while the chunk's COPY lock is held (deterministic concurrency tests).
         self.before_populate: Callable[[int, int], None] | None = None
@@ -137,9 +118,13 @@ class StreamCopier:
 
     def step(self, position: int) -> int:
         """Copy the chunk at ``position`` (or skip what the chain above the base does not hold); returns the
-        next position.  Errors of the previous chunk surface here."""
+        next position.  Errors of the previous chunk surface here, as ``CopyError``."""
         if self._skip_window:
-            held_from = self._first_held(position, self._skip_window)
+            try:
+                held_from = self.chain.first_held(self.target, position,
+                                                  min(self.length, position + self._skip_window), self.base)
+            except VdiskError as exc:
+                raise CopyError(exc, chunk_start=position, is_read=True) from exc
             if held_from > position:
                 self._skip_window = min(MAX_SKIP, self._skip_window * 2)
                 self.last_copied = 0
@@ -149,10 +134,12 @@ class StreamCopier:
         token = ranges.acquire(position, end, COPY)
         try:
             work = self._read(position, end)
-        except BaseException as exc:
+        except VdiskError as exc:
             ranges.release(token)
-            _mark(exc, position, is_read=True)
             self.drain()
+            raise CopyError(exc, chunk_start=position, is_read=True) from exc
+        except BaseException:
+            ranges.release(token)
             raise
         try:
             self.drain()
@@ -162,23 +149,11 @@ class StreamCopier:
             raise
         self._pending = self._writer.submit(self._write, token, position, end, work)
         # what the rate limit counts (QEMU's stream_run: only ranges it copies, not the ones it skips)
-        self.last_copied = 0 if work is None else int(np.count_nonzero(work[0])) * self.top.cluster_size
-        self._skip_window = 0 if work is not None and work[0].any() else max(self._skip_window, 2 * self.chunk)
-        self._pending_buffer = work[4] if work is not None else None
+        copied = work is not None and work[0].any()
+        self.last_copied = int(np.count_nonzero(work[0])) * self.target.cluster_size if work is not None else 0
+        self._skip_window = 0 if copied else max(self._skip_window, 2 * self.chunk)
+        self._pending_buffer = work[3] if work is not None else None
         return end
-
-    def _first_held(self, position: int, window: int) -> int:
-        """The first cluster-aligned offset in [position, position + window) that the chain above the base
-        holds, or the window's end."""
-        stop = min(self.length, position + window)
-        backing = self.top.backing
-        chain_end = min(stop, backing.size) if backing is not None else position
-        if chain_end > position:
-            cs = self.top.cluster_size
-            for piece in resolve(backing, position, chain_end, self.base):
-                if piece.held:
-                    return max(position, piece.start // cs * cs)
-        return stop
 
     def drain(self) -> None:
         """Wait for the chunk being written; raise its error, if any."""
@@ -195,72 +170,47 @@ class StreamCopier:
                 self._flusher.shutdown(wait=True)
 
     def _read(self, start: int, end: int):
-        top = self.top
-        cs = top.cluster_size
-        first = start // cs
-        count = -(-(end - start) // cs)
-        free = top.unallocated_clusters(first, count)
-        partial = self._partially_allocated(start, end)
-        if not free.any() and not partial:
+        target = self.target
+        cs = target.cluster_size
+        wanted, pieces = self.chain.copy_plan(target, start, end, self.base)
+        partial = target.partially_allocated(start, end - start)
+        if not wanted.any() and not partial:
             return None
-        backing = top.backing
-        backing_end = min(end, backing.size) if backing is not None else start
-        pieces = resolve(backing, start, backing_end, self.base) if backing_end > start else []
-        held = np.zeros(count, dtype=bool)
-        for piece in pieces:
-            if piece.held:
-                held[(piece.start - start) // cs : -(-(piece.stop - start) // cs)] = True
-        wanted = free & held
         whole = self._buffers[0] if self._buffers[0] is not self._pending_buffer else self._buffers[1]
-        buf = memoryview(whole)[: count * cs]
+        buf = memoryview(whole)[: len(wanted) * cs]
         if wanted.any():
             spans = [(start + a * cs, start + b * cs) for a, b in _runs(wanted)]
-            _read_pieces(buf, start, pieces, spans, min(end, backing_end) if backing_end > start else start)
-        zero = native.zero_map(buf, cs)
-        return wanted, buf, zero, partial, whole
-
-    def _partially_allocated(self, start: int, end: int) -> list[int]:
-        """Clusters (extended L2) with some subclusters still reading from the backing chain."""
-        if not self.top.extended_l2:
-            return []
-        cs = self.top.cluster_size
-        out = set()
-        for run_start, length, kind, _ in self.top.map_units(start, end - start):
-            if kind == fmt.KIND_UNALLOCATED:
-                first, last = run_start // cs, (run_start + length - 1) // cs
-                for cluster in (first, last):
-                    lo = cluster * cs
-                    if run_start > lo or run_start + length < min(lo + cs, self.length):
-                        out.add(cluster)
-        return sorted(out)
+            self.chain.read_pieces(buf, start, pieces, spans)
+        return wanted, buf, partial, whole
 
     def _write(self, token, start: int, end: int, work) -> None:
         try:
             self._populate(start, end, work)
-        except BaseException as exc:
-            _mark(exc, start, is_read=False)
-            raise
+        except VdiskError as exc:
+            raise CopyError(exc, chunk_start=start, is_read=False) from exc
         finally:
             self.device.ranges.release(token)
 
     def _populate(self, start: int, end: int, work) -> None:
         if work is None:
             return
-        wanted, buf, zero, partial, _ = work
+        wanted, buf, partial, _ = work
         if self.before_populate is not None:
             self.before_populate(start, end)
+        target = self.target
         if wanted.any():
-            self.top.populate(start, buf, wanted, zero)
+            target.populate(start, buf, wanted, native.zero_map(buf, target.cluster_size))
             self._unsynced += end - start
             if self.writeback_every and self._unsynced >= self.writeback_every:
                 self._kick_writeback()
-        cs = self.top.cluster_size
+        cs = target.cluster_size
+        depth = self.chain.depth_of(target)
         for cluster in partial:
             # Copy-on-write of the whole cluster fills its unallocated subclusters from the chain.
             lo = cluster * cs
             whole = bytearray(min(cs, self.length - lo))
-            self.top.pread(whole, lo)
-            self.top.pwrite(whole, lo)
+            self.chain.read(whole, lo, first=depth)
+            target.pwrite(whole, lo)
 
     def _kick_writeback(self) -> None:
         """Have the kernel start writing the target's dirty pages, in a helper thread: sync_file_range may
@@ -271,137 +221,22 @@ class StreamCopier:
         self._unsynced = 0
         if self._flusher is None:
             self._flusher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vdisk-stream-writeback")
-        self._writeback = self._flusher.submit(_start_writeback, self.top.fd)
+        self._writeback = self._flusher.submit(_start_writeback, self.target.fd)
 
     def finish(self, backing_file: str | None = None) -> None:
         """Make the base the target's backing file (or none), durably and atomically."""
         self.drain()
-        device, top, base = self.device, self.top, self.base
-        nodes = list(chain.nodes(top))
-        above_base = nodes[nodes.index(base) - 1] if base is not None else None
-        name, base_format = backing_name_for(top, base, above_base)
-        if backing_file is not None:
-            name = backing_file
-        top.flush()
-        with device.quiesced():
-            top.set_backing(name, base_format)
-            dropped = nodes[1 : nodes.index(base)] if base is not None else nodes[1:]
-            top.backing = base
-        for node in dropped:
-            node.close()
-
-
-# --- reading a chunk through the chain in one pass ----------------------------------------------------------
-
-
-class Piece:
-    """A run of guest bytes and where they come from: ``node``'s own ``kind`` run at ``host`` (DATA, ZERO,
-    COMPRESSED), or ``kind`` None with ``node`` the base (read through it) or None (reads as zeros).
-    ``held``: allocated above the base (what a stream copies)."""
-
-    __slots__ = ("held", "host", "kind", "node", "start", "stop")
-
-    def __init__(self, start, stop, node, kind, host, held):
-        self.start, self.stop, self.node, self.kind, self.host, self.held = start, stop, node, kind, host, held
-
-
-def resolve(node: Backend | None, start: int, stop: int, base: Backend | None) -> list[Piece]:
-    """Where each byte of [start, stop) comes from, below ``node`` and above ``base``.
-
-    One ``map_units`` call per node (over the span still unresolved), instead of one per run and per level
-    as a recursive read would make: a chain whose middle image holds scattered clusters splits a chunk
-    into many runs, and each ``map_units`` call costs tens of microseconds of numpy.
-    """
-    pieces: list[Piece] = []
-    todo = [(start, stop)]
-    while todo:
-        if node is None or node is base:
-            pieces.extend(Piece(a, b, node, None, 0, False) for a, b in todo)
-            break
-        size = node.size
-        inside = [(a, min(b, size)) for a, b in todo if a < size]
-        pieces.extend(Piece(max(a, size), b, None, None, 0, False) for a, b in todo if b > size)
-        if not inside:
-            break
-        runs_ = node.map_units(inside[0][0], inside[-1][1] - inside[0][0])
-        todo = []
-        i = 0
-        for a, b in inside:
-            while i < len(runs_) and runs_[i][0] + runs_[i][1] <= a:
-                i += 1
-            j = i
-            while j < len(runs_) and runs_[j][0] < b:
-                r_start, r_len, kind, host = runs_[j]
-                lo, hi = max(a, r_start), min(b, r_start + r_len)
-                if kind == fmt.KIND_UNALLOCATED:
-                    if todo and todo[-1][1] == lo:
-                        todo[-1] = (todo[-1][0], hi)
-                    else:
-                        todo.append((lo, hi))
-                else:
-                    if kind == fmt.KIND_DATA:
-                        host += lo - r_start
-                    pieces.append(Piece(lo, hi, node, kind, host, True))
-                j += 1
-        node = node.backing
-    pieces.sort(key=lambda p: p.start)
-    return pieces
-
-
-def _read_pieces(view: memoryview, chunk_start: int, pieces: list[Piece], spans: list[tuple[int, int]],
-                 chain_end: int) -> None:
-    """Fill the parts of ``view`` (guest ``chunk_start`` on) that ``spans`` name from the resolved pieces.
-
-    ``view`` is a reused buffer: whatever no data piece covers (zero runs, ranges past the chain's end
-    ``chain_end`` or past the end of the disk in the last cluster) is zero-filled.  Data runs of qcow2 images
-    are read at their host offsets directly; everything else (compressed clusters, raw files, the base)
-    through the node's own ``pread``.
-    """
-    i = 0
-    for a, b in spans:
-        cursor = a
-        while i < len(pieces) and pieces[i].stop <= a:
-            i += 1
-        j = i
-        while j < len(pieces) and pieces[j].start < b and pieces[j].start < chain_end:
-            p = pieces[j]
-            j += 1
-            lo, hi = max(a, p.start), min(b, p.stop)
-            if lo > cursor:
-                zero_fill(view[cursor - chunk_start : lo - chunk_start])
-            cursor = hi
-            dst = view[lo - chunk_start : hi - chunk_start]
-            if p.node is None or p.kind == fmt.KIND_ZERO:
-                zero_fill(dst)
-            elif p.kind == fmt.KIND_DATA and isinstance(p.node, Qcow2Image):
-                p.node._pread_into(dst, p.host + lo - p.start)
-            else:
-                p.node.pread(dst, lo)
-        if b > cursor:
-            zero_fill(view[cursor - chunk_start : b - chunk_start])
+        self.device.drop_between(self.target, self.base, backing_file)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_libc = None
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_LIBC.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 def _start_writeback(fd: int) -> None:
     """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): queue the file's dirty pages for writing, no wait."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # advisory: an error here changes nothing
-
-
-def _mark(exc: BaseException, chunk_start: int, *, is_read: bool) -> None:
-    """Say where a copy failed and whether reading (the chain) or writing (the active image) failed."""
-    if not hasattr(exc, "chunk_start"):
-        exc.chunk_start = chunk_start  # type: ignore[attr-defined]
-        exc.is_read = is_read  # type: ignore[attr-defined]
+    _LIBC.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # advisory: an error here changes nothing
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -411,3 +246,157 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     padded = np.concatenate(([False], mask, [False]))
     edges = np.flatnonzero(padded[1:] != padded[:-1])
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
+class StreamJob(Job):
+    def __init__(
+        self,
+        registry: JobRegistry,
+        device: BlockDevice,
+        job_id: str,
+        base: Node | None,
+        *,
+        backing_file: str | None = None,
+        on_error: str = "report",
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
+        target: Node | None = None,
+    ):
+        super().__init__(job_id, JobType.STREAM, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        self.registry = registry
+        self.device = device
+        self.base = base
+        self.backing_file = backing_file
+        self.on_error = on_error
+        # Streaming into an intermediate node: the caller reopened it read-write; _clean reopens it read-only.
+        self.intermediate = target is not None and target is not device.top
+        self.copier = StreamCopier(device, base, target=target)
+        self.wakeup = threading.Condition(registry.lock)
+        self.thread = threading.Thread(target=self._run, name=f"vdisk-job-{job_id}", daemon=True)
+        self.progress_set_remaining(self.copier.length)
+
+    # --- hooks of Job ----------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        self.copier.finish(self.backing_file)
+
+    def _clean(self) -> None:
+        self.device.cor_active = False
+        self.device.cor_base = None
+        if self.intermediate:
+            self.device.reopen_node(self.copier.target, read_only=True)
+        if self.device.job is self:
+            self.device.job = None
+
+    # --- control from QMP (caller holds the job lock) -------------------------------------------------
+
+    def launch(self) -> None:
+        """Start the job (lock held).  QEMU starts it inside block-stream: 'running' precedes the reply, and a
+        cancel can never find a created job whose worker has not started yet."""
+        self.registry.emit(self.start())
+        self.device.job = self
+        if not self.intermediate:  # copy-on-read fills the active image only
+            self.device.cor_base = self.base
+            self.device.cor_active = True
+        self.registry.add(self)
+        self.thread.start()
+
+    def poke(self) -> None:
+        """Wake the worker after a verb changed what it should do."""
+        self.wakeup.notify_all()
+
+    def cancel_and_wait(self, timeout: float = 60.0) -> None:
+        with self.registry.lock:
+            if self.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
+                self.registry.emit(self.cancel_unchecked(force=True))
+                self.poke()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    # --- the worker --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        lock = self.registry.lock
+        copier = self.copier
+        position = 0
+        # The first copy error, reported when the run ends even if on-error let the job go on (QEMU's
+        # stream_run): an ignored error must not drop the backing chain, whose data was not all copied.
+        error: BaseException | None = None
+        try:
+            while True:
+                if position < copier.length:
+                    with lock:
+                        if not self._wait_to_copy():
+                            break
+                try:
+                    if position >= copier.length:
+                        copier.drain()  # the last chunk's write may still fail
+                        break
+                    next_position = copier.step(position)
+                    copied = copier.last_copied
+                except CopyError as exc:
+                    # A write error surfaces one step late: it names the chunk it happened in.
+                    failed = min(exc.chunk_start, position)
+                    action = self._on_copy_error(exc)
+                    if action == "stop":
+                        with lock:  # copy the failed chunk again (after block-job-resume)
+                            self.progress_current -= position - failed
+                        position = failed
+                        continue
+                    if error is None:
+                        error = exc
+                    if action == "report" or position >= copier.length:
+                        break
+                    next_position = min(copier.length, position + copier.chunk)  # ignore: skip this chunk
+                    copied = next_position - position
+                with lock:
+                    self.progress_update(next_position - position)
+                    self.ratelimit_processed(time.monotonic(), copied)
+                position = next_position
+        except Exception as exc:  # a bug must fail the job, not leave it running forever
+            log.exception("stream job %s failed", self.id)
+            error = error or exc
+        finally:
+            try:
+                copier.close()
+            except Exception as exc:  # noqa: BLE001 - a cancelled job's last write failed: it is cancelled anyway
+                log.warning("stream job %s: %s", self.id, exc)
+                error = error or exc
+            with lock:
+                if self.paused:
+                    self.registry.emit(self.leave_pause_point())
+                self.registry.emit(self.complete_run(_qemu_error(error)))
+
+    def _wait_to_copy(self) -> bool:
+        """Pause point and rate limit (lock held).  False when the job was cancelled."""
+        while True:
+            if self.is_cancelled:
+                return False
+            if self.pause_requested:
+                self.registry.emit(self.on_pause_point())
+                while self.pause_requested and not self.is_cancelled:
+                    self.wakeup.wait()
+                self.registry.emit(self.leave_pause_point())
+                continue
+            delay = self.ratelimit_delay(time.monotonic())
+            if delay <= 0:
+                self.set_busy(True)
+                return True
+            self.set_busy(False)
+            self.wakeup.wait(delay)
+
+    def _on_copy_error(self, exc: CopyError) -> str:
+        with self.registry.lock:
+            action, events = self.error_action(self.on_error, exc.is_read, exc.errno)
+            self.registry.emit(events)
+        log.warning("stream job %s: %s (action: %s)", self.id, exc, action)
+        return action
+
+
+def _qemu_error(error: BaseException | None) -> BaseException | None:
+    """QEMU reports a block job's I/O error as strerror alone ("Input/output error"); the log has the detail."""
+    if isinstance(error, CopyError):
+        error = error.cause
+    if isinstance(error, StorageError):
+        return OSError(error.errno, os.strerror(error.errno))
+    return error

@@ -15,12 +15,10 @@ from typing import Any
 
 import vdisk
 from vdisk.block import chain
-from vdisk.errors import DeviceInUse, DeviceNotActive, GenericError, InvalidArgument, VdiskError
+from vdisk.errors import DeviceInUse, GenericError, InvalidArgument, VdiskError
 from vdisk.jobs.job import ON_ERROR_VALUES, JobStatus, validate_job_id
 from vdisk.jobs.registry import JobRegistry
-from vdisk.jobs.runner import StreamJob
-from vdisk.jobs.stream import find_base
-from vdisk.formats.qcow2.image import Qcow2Image
+from vdisk.jobs.stream import StreamJob
 from vdisk.qmp import protocol
 from vdisk.qmp.protocol import EnumType
 
@@ -105,29 +103,31 @@ def query_commands(server) -> list:
     return [{"name": name} for name in sorted({"qmp_capabilities", *COMMANDS})]
 
 
-def image_info(node) -> dict:
+def image_info(nodes: list, depth: int = 0) -> dict:
+    """ImageInfo of ``nodes[depth]``, with its backing chain below it."""
+    node = nodes[depth]
     info: dict[str, Any] = {
         "filename": node.path,
         "format": node.format_name,
         "virtual-size": node.size,
         "dirty-flag": False,
     }
-    if isinstance(node, Qcow2Image):
-        info["cluster-size"] = node.cluster_size
-        h = node.header
-        if h.backing_file:
-            info["backing-filename"] = h.backing_file
-            info["full-backing-filename"] = chain.resolve_backing(node.path, h.backing_file)
-            if h.backing_format:
-                info["backing-filename-format"] = h.backing_format
-    if node.backing is not None:
-        info["backing-image"] = image_info(node.backing)
+    facts = node.describe()
+    if "cluster-size" in facts:
+        info["cluster-size"] = facts["cluster-size"]
+    if node.backing_name:
+        info["backing-filename"] = node.backing_name
+        info["full-backing-filename"] = chain.resolve_backing(node.path, node.backing_name)
+        if node.backing_format:
+            info["backing-filename-format"] = node.backing_format
+    if depth + 1 < len(nodes):
+        info["backing-image"] = image_info(nodes, depth + 1)
     return info
 
 
-def node_info(node, read_only: bool) -> dict:
-    """BlockDeviceInfo (query-named-block-nodes, and query-block's ``inserted``)."""
-    depth = len(list(chain.nodes(node))) - 1
+def node_info(nodes: list, depth: int, read_only: bool) -> dict:
+    """BlockDeviceInfo of ``nodes[depth]`` (query-named-block-nodes, and query-block's ``inserted``)."""
+    node = nodes[depth]
     info: dict[str, Any] = {
         "file": node.path,
         "node-name": node_name(node),
@@ -137,12 +137,12 @@ def node_info(node, read_only: bool) -> dict:
         "detect_zeroes": "off",
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
-        "backing_file_depth": depth,
+        "backing_file_depth": len(nodes) - 1 - depth,
         "cache": {"writeback": True, "direct": False, "no-flush": False},
-        "image": image_info(node),
+        "image": image_info(nodes, depth),
     }
-    if isinstance(node, Qcow2Image) and node.header.backing_file:
-        info["backing_file"] = node.header.backing_file
+    if node.backing_name:
+        info["backing_file"] = node.backing_name
     return info
 
 
@@ -157,7 +157,7 @@ def query_block(server) -> list:
             "removable": False,
             "locked": False,
             "io-status": "ok",
-            "inserted": node_info(dev.top, dev.read_only),
+            "inserted": node_info(dev.nodes(), 0, dev.read_only),
         })
     return out
 
@@ -166,8 +166,9 @@ def query_block(server) -> list:
 def query_named_block_nodes(server, flat: bool = False) -> list:
     out = []
     for dev in server.devices.values():
-        for i, node in enumerate(dev.nodes()):
-            info = node_info(node, dev.read_only and i == 0)
+        nodes = dev.nodes()
+        for depth in range(len(nodes)):
+            info = node_info(nodes, depth, dev.read_only and depth == 0)
             if flat:
                 info["image"].pop("backing-image", None)
             out.append(info)
@@ -203,13 +204,13 @@ def block_stream(server, device: str, job_id: str | None = None, base: str | Non
         job_id = ""  # QEMU names a job after the device; a node that is not one has no name to lend
     if job_id is not None:
         validate_job_id(job_id)
-    below = list(chain.nodes(node))[1:]
     base_bs = None
     if base_node is not None:
         _, base_bs = find_device_or_node(server, base_node)
-        if base_bs not in below:
+        if not any(n is base_bs for n in dev.nodes()[dev.chain.depth_of(node) + 1 :]):
             raise GenericError(f"Node '{base_node}' is not a backing image of '{device}'")
-    base_bs = find_base(dev, base, base_bs, top=node)
+    elif base is not None:
+        base_bs = dev.chain.find_base(base, node)
     if backing_file is not None and base_bs is None:
         raise GenericError("backing file specified, but streaming the entire chain")
     with server.jobs.lock:
@@ -333,28 +334,13 @@ def blockdev_snapshot_sync(server, snapshot_file: str, device: str | None = None
     with server.jobs.lock:
         if dev.job is not None:
             raise _busy(dev)
-        old_top = dev.top
         path = os.path.abspath(snapshot_file)
-        if mode == "absolute-paths":
-            if os.path.exists(path):
-                raise GenericError(f"Could not create '{snapshot_file}': File exists")
-            Qcow2Image.create(path, old_top.size, backing_file=os.path.abspath(old_top.path),
-                              backing_format=old_top.format_name)
-        elif not os.path.exists(path):
+        exists = os.path.exists(path)
+        if mode == "absolute-paths" and exists:
+            raise GenericError(f"Could not create '{snapshot_file}': File exists")
+        if mode == "existing" and not exists:
             raise GenericError(f"Could not open '{snapshot_file}': No such file or directory")
-        old_top.flush()
-        with dev.quiesced():
-            new_top = Qcow2Image.open(path, cache=dev.cache)
-            if new_top.size != old_top.size:
-                new_top.close()
-                raise GenericError(f"Snapshot '{snapshot_file}' has size {new_top.size}, "
-                                   f"the device {old_top.size}")
-            old_top.flush()
-            new_top.backing = old_top
-            if snapshot_node_name:
-                new_top.node_name = snapshot_node_name
-            dev.top = new_top
-    log.info("device %s: active image is now %s (backing %s)", dev.name, path, old_top.path)
+        dev.snapshot(path, create=mode == "absolute-paths", node_name=snapshot_node_name)
 
 
 # --- HMP and quit -----------------------------------------------------------------------------------

@@ -171,8 +171,8 @@ def _publish(opts: ServeOptions, private_socket: str | None) -> None:
 def serve(opts: ServeOptions) -> int:
     """Run the server in the foreground; returns nbdkit's exit status."""
     # Fail fast, with our one-line error, on an image that cannot be served (also repairs a dirty image).
-    chain.close_chain(chain.open_chain(opts.image, opts.format, read_only=opts.read_only, cache=opts.cache,
-                                       allowed_dirs=[os.path.abspath(d) for d in opts.allow_backing_dirs] or None))
+    chain.open_chain(opts.image, opts.format, read_only=opts.read_only, cache=opts.cache,
+                     allowed_dirs=[os.path.abspath(d) for d in opts.allow_backing_dirs] or None).close()
     for path in (opts.socket, opts.qmp, opts.pid_file):
         if path and os.path.exists(path):
             os.unlink(path)

@@ -108,10 +108,10 @@ class Server:
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def open(self) -> None:
-        top = chain.open_chain(self.image, self.format, read_only=self.read_only, allowed_dirs=self.allowed_dirs,
+        opened = chain.open_chain(self.image, self.format, read_only=self.read_only, allowed_dirs=self.allowed_dirs,
                                cache=self.cache)
         self.devices[self.device_name] = BlockDevice(
-            self.device_name, top, read_only=self.read_only, copy_on_read=self.copy_on_read, cache=self.cache
+            self.device_name, opened, read_only=self.read_only, copy_on_read=self.copy_on_read, cache=self.cache
         )
 
     def start(self) -> None:

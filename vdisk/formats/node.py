@@ -40,7 +40,10 @@ class Node(Protocol):
     size: int
     read_only: bool
     cluster_size: int
+    fd: int  # the host file, for what is done to the file itself (locks, writeback)
     below: Below | None
+    node_name: str | None  # the QMP node name, once the monitor named it
+    can_have_backing: bool  # the format can record a backing file (qcow2: yes, raw: no)
     # The backing file the image names (the qcow2 header's name and format); None for a raw file.
     backing_name: str | None
     backing_format: str | None

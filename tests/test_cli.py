@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_img_check, run, vdisk, vdisk_main
+
+from tests.support.commands import run, vdisk, vdisk_main
+from tests.support.images import assert_clean, qemu_img_check
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -36,22 +36,20 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import (
+
+from tests.support.commands import run, vdisk
+from tests.support.images import (
     assert_clean,
     chain_info,
     file_digest,
-    nbdkit_pid,
     qemu_img_check,
     qemu_img_compare,
     qemu_map,
     qemu_raw,
-    qmp_session,
-    run,
-    run_async,
-    serve,
-    vdisk,
 )
-from powerloss.model import GuestClient, GuestModel, split_stripes
+from tests.support.powerloss.model import GuestClient, GuestModel, split_stripes
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import nbdkit_pid, serve
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -20,8 +20,12 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import assert_clean, chain_info, qemu_img_check, qemu_raw, qmp_session, run, run_async, serve
-from powerloss.model import GuestModel
+
+from tests.support.commands import run
+from tests.support.images import assert_clean, chain_info, qemu_img_check, qemu_raw
+from tests.support.powerloss.model import GuestModel
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import serve
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -43,8 +43,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import Served, assert_clean, chain_info, file_digest, qmp_session, run, run_async, serve
 
+from tests.support.commands import run
+from tests.support.images import assert_clean, chain_info, file_digest
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import Served, serve
 from vdisk.harness.guest import (
     KERNEL_NBD,
     KERNEL_NBD_CONNECT,

@@ -17,21 +17,19 @@ import contextlib
 import errno
 import random
 import struct
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nbd
 import pytest
-from conftest import ROOT, Served, assert_clean, run, serve
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from fuzz import nbd_sessions
 from fuzz import nbd_wire as w
 from fuzz.nbd_sessions import WINDOW, Model
+from tests.support.commands import run
+from tests.support.images import assert_clean
+from tests.support.serving import Served, serve
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -14,21 +14,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-import sys
 import time
 import tracemalloc
 import zlib
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from fuzz import targets
+from tests.support.commands import ROOT, run
 from vdisk.block import chain
 from vdisk import errors
 from vdisk.formats.qcow2 import format as fmt

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import assert_clean, nbdkit_pid, qemu_img_compare, run, serve, vdisk
 
+from tests.support.commands import run, vdisk
+from tests.support.images import assert_clean, qemu_img_compare
+from tests.support.serving import nbdkit_pid, serve
 from vdisk.block import chain
 from vdisk.errors import InvalidArgument
 from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions, cache_tables

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,13 +18,12 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import ROOT, Served, assert_clean, nbdkit_pid, run, serve
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from fuzz import nbd_wire as w
 from fuzz.qmp_wire import RawQmp
+from tests.support.commands import run
+from tests.support.images import assert_clean
+from tests.support.serving import Served, nbdkit_pid, serve
 from vdisk.qmp import protocol
 from vdisk.qmp.monitor import MAX_CLIENTS
 from vdisk.serving.launcher import ServeOptions, nbdkit_command

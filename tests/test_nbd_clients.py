@@ -22,17 +22,9 @@ from pathlib import Path
 import nbd
 import pytest
 
-from conftest import (
-    Served,
-    assert_clean,
-    nbdkit_pid,
-    qemu_img_check,
-    qemu_img_compare,
-    qemu_raw,
-    run,
-    serve,
-    vdisk,
-)
+from tests.support.commands import run, vdisk
+from tests.support.images import assert_clean, qemu_img_check, qemu_img_compare, qemu_raw
+from tests.support.serving import Served, nbdkit_pid, serve
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-from conftest import assert_clean, qemu_raw, serve
+from tests.support.images import assert_clean, qemu_raw
+from tests.support.serving import serve
 from vdisk.harness.guest import (
     KERNEL_NBD,
     KERNEL_NBD_CONNECT,

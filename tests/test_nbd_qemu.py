@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, qemu_raw, run, serve, vdisk
+from tests.support.commands import run, vdisk
+from tests.support.images import assert_clean, qemu_raw
+from tests.support.serving import serve
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -31,10 +31,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_raw, qmp_session, run, run_async, serve
-from powerloss.model import GuestClient, GuestModel, split_stripes
-from powerloss.replay import Recording
 
+from tests.support.commands import run
+from tests.support.images import assert_clean, qemu_raw
+from tests.support.powerloss.model import GuestClient, GuestModel, split_stripes
+from tests.support.powerloss.replay import Recording
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import serve
 from vdisk.block import chain
 from vdisk.io import iolog
 from vdisk.block.device import BlockDevice

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_img_check, qemu_raw, run, vdisk, vdisk_main
 
+from tests.support.commands import run, vdisk, vdisk_main
+from tests.support.images import assert_clean, qemu_img_check, qemu_raw
 from vdisk import errors
 from vdisk.block.chain import MAX_CHAIN_DEPTH, open_chain
 from vdisk.formats.qcow2 import format as fmt

@@ -25,8 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_img_check, qemu_img_compare, qemu_raw, run
 
+from tests.support.commands import run
+from tests.support.images import assert_clean, qemu_img_check, qemu_img_compare, qemu_raw
 from vdisk import errors
 from vdisk.cli import main as cli
 from vdisk.block.chain import open_chain

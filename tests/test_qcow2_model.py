@@ -31,10 +31,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean, qemu_img_compare, qemu_map, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.commands import run
+from tests.support.images import assert_clean, qemu_img_compare, qemu_map
 from vdisk.block.chain import open_chain
 from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions
 from vdisk.formats.qcow2.image import Qcow2Image

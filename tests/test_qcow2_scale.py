@@ -47,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean, qemu_img_check, qemu_img_compare, qemu_map, run, vdisk_main
 
+from tests.support.commands import run, vdisk_main
+from tests.support.images import assert_clean, qemu_img_check, qemu_img_compare, qemu_map
 from vdisk.io import native
 from vdisk.block.chain import merge_extents, open_chain
 from vdisk.errors import OutOfRange

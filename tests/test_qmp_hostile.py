@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,12 +18,10 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import ROOT, Served, assert_clean, qemu_img_compare, qemu_raw, serve
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from fuzz.qmp_wire import RawQmp
+from tests.support.images import assert_clean, qemu_img_compare, qemu_raw
+from tests.support.serving import Served, serve
 from vdisk.qmp.commands import COMMANDS
 from vdisk.qmp.protocol import EnumType
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import nbd
 import pytest
 
-from conftest import assert_clean, chain_info, nbdkit_pid, qemu_img_compare, qemu_raw, run, serve
+from tests.support.commands import run
+from tests.support.images import assert_clean, chain_info, qemu_img_compare, qemu_raw
+from tests.support.serving import nbdkit_pid, serve
 from vdisk.qmp.client import Monitor
 from vdisk.errors import QMPError
 

@@ -29,20 +29,11 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import (
-    assert_clean,
-    chain_info,
-    nbdkit_pid,
-    qemu_img_check,
-    qemu_img_compare,
-    qemu_map,
-    qemu_raw,
-    qmp_session,
-    run,
-    run_async,
-    serve,
-)
 
+from tests.support.commands import run
+from tests.support.images import assert_clean, chain_info, qemu_img_check, qemu_img_compare, qemu_map, qemu_raw
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import nbdkit_pid, serve
 from vdisk.block import chain
 from vdisk.block.device import BlockDevice
 from vdisk.jobs.stream import StreamCopier

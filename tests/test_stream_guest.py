@@ -21,18 +21,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import (
-    ROOT,
-    VDISK,
-    assert_clean,
-    chain_info,
-    qemu_raw,
-    qmp_session,
-    run,
-    run_async,
-    serve,
-)
 
+from tests.support.commands import ROOT, VDISK, run
+from tests.support.images import assert_clean, chain_info, qemu_raw
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import serve
 from vdisk.harness.guest import GuestArtifacts, ensure_guest_artifacts, start_guest
 
 pytestmark = pytest.mark.timeout(300)

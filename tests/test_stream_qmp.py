@@ -19,18 +19,11 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import (
-    assert_clean,
-    chain_info,
-    file_digest,
-    qemu_map,
-    qemu_raw,
-    qmp_session,
-    run,
-    run_async,
-    serve,
-)
 
+from tests.support.commands import run
+from tests.support.images import assert_clean, chain_info, file_digest, qemu_img_check, qemu_map, qemu_raw
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import serve
 from vdisk.jobs.stream import CHUNK
 
 pytestmark = pytest.mark.timeout(120)
@@ -702,8 +695,6 @@ def test_write_error_in_the_active_image(chain4, tmp_path, monkeypatch, on_error
 
 
 def qemu_img_check_ok(path: Path) -> bool:
-    from conftest import qemu_img_check
-
     result = qemu_img_check(path)
     return result.get("corruptions", 0) == 0 and result["check-errors"] == 0
 

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import chain_info, make_chain4, qemu_map, qemu_raw, qmp_session, run_async, serve
+
+from tests.support.images import chain_info, make_chain4, qemu_map, qemu_raw
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import serve
 
 QSD = shutil.which("qemu-storage-daemon")
 pytestmark = [pytest.mark.timeout(120), pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon not installed")]

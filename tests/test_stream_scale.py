@@ -36,7 +36,11 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import assert_clean, chain_info, file_digest, qemu_img_compare, qmp_session, run, run_async, serve
+
+from tests.support.commands import run
+from tests.support.images import assert_clean, chain_info, file_digest, qemu_img_compare
+from tests.support.qmp import qmp_session, run_async
+from tests.support.serving import serve
 
 KiB = 1 << 10
 MiB = 1 << 20

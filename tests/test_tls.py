@@ -10,7 +10,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from conftest import ROOT, VDISK, run
+from tests.support.commands import ROOT, VDISK, run
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from vdisk.formats.node import Backend
+from vdisk.formats.node import Node
 from vdisk.errors import BackingChainError, FormatError, StorageError
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.cache import CacheOptions
@@ -38,7 +38,7 @@ def probe_format(path: str) -> str:
 
 
 def open_node(path: str, fmt_name: str | None = None, *, read_only: bool, force_share: bool = False,
-              cache: CacheOptions = CacheOptions()) -> Backend:
+              cache: CacheOptions = CacheOptions()) -> Node:
     """Open one node.  ``cache``: the qcow2 metadata cache options (QEMU's), ignored by raw."""
     fmt_name = fmt_name or probe_format(path)
     if fmt_name == "qcow2":
@@ -64,7 +64,7 @@ def open_chain(
     allowed_dirs: Sequence[str] | None = None,
     max_depth: int = MAX_CHAIN_DEPTH,
     cache: CacheOptions = CacheOptions(),
-) -> Backend:
+) -> Node:
     """Open ``path`` (read-write unless read_only) and its backing files (always read-only).
 
     ``cache`` applies to every qcow2 node of the chain (QEMU applies -drive options to the top node and
@@ -129,14 +129,14 @@ def _inside(path: str, dirs: Sequence[str]) -> bool:
     return any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d) for d in dirs)
 
 
-def nodes(top: Backend) -> Iterator[Backend]:
-    node: Backend | None = top
+def nodes(top: Node) -> Iterator[Node]:
+    node: Node | None = top
     while node is not None:
         yield node
         node = node.backing
 
 
-def close_chain(top: Backend) -> None:
+def close_chain(top: Node) -> None:
     """Close every node; one that fails to close (a final flush error) does not leave the others open."""
     first_error: BaseException | None = None
     for node in list(nodes(top)):
@@ -162,7 +162,7 @@ class Extent:
     zero: bool
     data: bool
     offset: int | None = None
-    node: Backend | None = dataclasses.field(default=None, repr=False, compare=False)
+    node: Node | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict:
         out = {"start": self.start, "length": self.length, "depth": self.depth, "present": self.present,
@@ -172,7 +172,7 @@ class Extent:
         return out
 
 
-def block_status(top: Backend, guest_offset: int, length: int, *, stop_at: Backend | None = None) -> list[Extent]:
+def block_status(top: Node, guest_offset: int, length: int, *, stop_at: Node | None = None) -> list[Extent]:
     """Where each byte of a range comes from: depth (0 = top), data/zero, host offset (QEMU's block status).
 
     ``stop_at`` is a base node that is not descended into: ranges it would supply report present=False at
@@ -183,7 +183,7 @@ def block_status(top: Backend, guest_offset: int, length: int, *, stop_at: Backe
     return out
 
 
-def _status(node: Backend, offset: int, length: int, depth: int, stop_at: Backend | None, out: list[Extent]) -> None:
+def _status(node: Node, offset: int, length: int, depth: int, stop_at: Node | None, out: list[Extent]) -> None:
     if node is stop_at:
         out.append(Extent(offset, length, depth, False, True, False))
         return
@@ -296,6 +296,6 @@ def merge_extents(extents: list[Extent]) -> list[Extent]:
     return merged
 
 
-def chain_map(top: Backend) -> list[Extent]:
+def chain_map(top: Node) -> list[Extent]:
     """The whole disk's map, as ``qemu-img map --output=json`` reports it."""
     return merge_extents(block_status(top, 0, top.size))

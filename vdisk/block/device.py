@@ -45,7 +45,7 @@ import numpy as np
 
 from vdisk.block import chain
 from vdisk.io import native
-from vdisk.formats.node import Backend
+from vdisk.formats.node import Node
 from vdisk.errors import GenericError, OutOfRange, ReadOnlyError, StorageError, VdiskError
 from vdisk.formats.qcow2.cache import CacheOptions
 from vdisk.formats.qcow2.image import Qcow2Image
@@ -111,7 +111,7 @@ class RangeLock:
 class BlockDevice:
     """A named guest disk over a chain.  Callbacks are shaped like nbdkit's (see vdisk.serving.nbdkit_plugin)."""
 
-    def __init__(self, name: str, top: Backend, *, read_only: bool = False, copy_on_read: bool = False,
+    def __init__(self, name: str, top: Node, *, read_only: bool = False, copy_on_read: bool = False,
                  cache: CacheOptions = CacheOptions()):
         self.name = name
         self.top = top
@@ -122,7 +122,7 @@ class BlockDevice:
         # While a stream runs, reads populate the active image from the chain above this base
         # (``None`` with ``cor_active`` means: everything).  Set by the stream job.
         self.cor_active = False
-        self.cor_base: Backend | None = None
+        self.cor_base: Node | None = None
         self.job = None  # the block job running on this device, if any
         self._cor_failing = False  # copy-on-read copies fail to store (logged once per run of failures)
 
@@ -134,7 +134,7 @@ class BlockDevice:
     def cluster_size(self) -> int:
         return getattr(self.top, "cluster_size", 65536)
 
-    def nodes(self) -> list[Backend]:
+    def nodes(self) -> list[Node]:
         return list(chain.nodes(self.top))
 
     def _cluster_span(self, offset: int, length: int) -> tuple[int, int]:
@@ -209,7 +209,7 @@ class BlockDevice:
             self.ranges.release(token)
         return True
 
-    def copy_wanted(self, start: int, end: int, base: Backend | None, target: Qcow2Image | None = None) -> np.ndarray:
+    def copy_wanted(self, start: int, end: int, base: Node | None, target: Qcow2Image | None = None) -> np.ndarray:
         """Clusters of [start, end) that are unallocated in ``target`` and held between it and ``base``.
 
         ``target`` is the active image unless a job streams into an intermediate node; ``base`` None means
@@ -278,7 +278,7 @@ class BlockDevice:
         with self.ranges.hold(0, max(self.size, 1), WRITE):
             yield
 
-    def reopen_node(self, node: Backend, *, read_only: bool) -> Backend:
+    def reopen_node(self, node: Node, *, read_only: bool) -> Node:
         """Swap a backing node for the same file opened read-only or read-write; returns the new node.
 
         QEMU's bdrv_reopen for a job that writes into an intermediate image: the node is writable (and holds
@@ -306,7 +306,7 @@ class BlockDevice:
         chain.close_chain(self.top)
 
 
-def _adopt(new: Backend, old: Backend, above: Backend) -> None:
+def _adopt(new: Node, old: Node, above: Node) -> None:
     """Put ``new`` in ``old``'s place in the chain (same backing, same QMP node name)."""
     new.backing = old.backing
     if getattr(old, "node_name", None) is not None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-from vdisk.formats.node import Backend
+from vdisk.formats.node import Node
 from vdisk.block.chain import resolve_backing
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.image import Qcow2Image
 
 
-def node_info(node: Backend) -> dict:
+def node_info(node: Node) -> dict:
     st = os.stat(node.path)
     info: dict = {
         "virtual-size": node.size,

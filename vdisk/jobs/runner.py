@@ -20,7 +20,7 @@ import os
 import threading
 import time
 
-from vdisk.formats.node import Backend
+from vdisk.formats.node import Node
 from vdisk.block.device import BlockDevice
 from vdisk.errors import StorageError, VdiskError
 from vdisk.jobs.job import Job, JobStatus, JobType
@@ -36,13 +36,13 @@ class StreamJob(Job):
         registry: JobRegistry,
         device: BlockDevice,
         job_id: str,
-        base: Backend | None,
+        base: Node | None,
         *,
         backing_file: str | None = None,
         on_error: str = "report",
         auto_finalize: bool = True,
         auto_dismiss: bool = True,
-        target: Backend | None = None,
+        target: Node | None = None,
     ):
         super().__init__(job_id, JobType.STREAM, auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.registry = registry

@@ -46,7 +46,7 @@ import numpy as np
 
 from vdisk.block import chain
 from vdisk.io import native
-from vdisk.formats.node import Backend
+from vdisk.formats.node import Node
 from vdisk.block.device import COPY, BlockDevice
 from vdisk.errors import BackingChainError, DeviceNotActive, GenericError
 from vdisk.formats.qcow2 import format as fmt
@@ -63,8 +63,8 @@ MAX_SKIP = 1 << 30
 WRITEBACK_EVERY = 32 << 20
 
 
-def find_base(device: BlockDevice, base: str | None = None, base_node: Backend | None = None,
-              top: Backend | None = None) -> Backend | None:
+def find_base(device: BlockDevice, base: str | None = None, base_node: Node | None = None,
+              top: Node | None = None) -> Node | None:
     """The node named by the user's ``base`` (a backing name as stored, or any path to the same file),
     searched below ``top`` (the device's active image unless the stream goes into an intermediate node)."""
     if base_node is not None:
@@ -86,7 +86,7 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def backing_name_for(top: Backend, base: Backend | None, above_base: Backend | None) -> tuple[str | None, str | None]:
+def backing_name_for(top: Node, base: Node | None, above_base: Node | None) -> tuple[str | None, str | None]:
     """The backing name to write into ``top`` for ``base``: as it stood in the chain, re-relativised.
 
     A relative name stays relative (to the active image's directory); an absolute one stays absolute.
@@ -103,8 +103,8 @@ def backing_name_for(top: Backend, base: Backend | None, above_base: Backend | N
 class StreamCopier:
     """Copies, chunk by chunk, what the chain above ``base`` holds into the device's active image."""
 
-    def __init__(self, device: BlockDevice, base: Backend | None, *, chunk: int = CHUNK,
-                 target: Backend | None = None):
+    def __init__(self, device: BlockDevice, base: Node | None, *, chunk: int = CHUNK,
+                 target: Node | None = None):
         """``target``: the node to fill, the device's active image unless given (an intermediate node, which
         the caller has reopened read-write: see ``BlockDevice.reopen_node``)."""
         top = target if target is not None else device.top
@@ -305,7 +305,7 @@ class Piece:
         self.start, self.stop, self.node, self.kind, self.host, self.held = start, stop, node, kind, host, held
 
 
-def resolve(node: Backend | None, start: int, stop: int, base: Backend | None) -> list[Piece]:
+def resolve(node: Node | None, start: int, stop: int, base: Node | None) -> list[Piece]:
     """Where each byte of [start, stop) comes from, below ``node`` and above ``base``.
 
     One ``map_units`` call per node (over the span still unresolved), instead of one per run and per level

@@ -56,7 +56,7 @@ from vdisk.formats.qcow2.tables import RefcountBlock, Table, l2_units, runs
 _SCALAR_MAP_CLUSTERS = 64
 
 if TYPE_CHECKING:
-    from vdisk.formats.node import Backend
+    from vdisk.formats.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Qcow2Image:
         self.fd = fd
         self.header = header
         self.read_only = read_only
-        self.backing: Backend | None = None
+        self.backing: Node | None = None
         self.lock = MetadataLock(self.trim_caches)
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size

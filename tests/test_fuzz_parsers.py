@@ -479,7 +479,7 @@ def test_a_node_that_fails_to_close_does_not_keep_the_rest_of_the_chain_open(tmp
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
     node = chain.open_chain(str(top))
-    backing_fd = node.backing.fd
+    backing_fd = node.below.fd
 
     def failing_flush() -> None:
         raise errors.StorageError("flush failed: EIO (injected)", path=str(top))

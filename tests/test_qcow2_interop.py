@@ -516,7 +516,7 @@ def test_vdisk_writes_over_qemu_images_stay_clean_and_identical(made: Made, buil
         return
     top = open_chain(str(image))
     try:
-        v3_or_no_backing = top.header.version >= 3 or top.backing is None
+        v3_or_no_backing = top.header.version >= 3 or top.below is None
         for op in write_sequence(top.cluster_size, top.size):
             if op[0] == "flush":
                 top.flush()

@@ -514,7 +514,7 @@ def test_two_streams_on_two_devices_of_one_server_in_process(tmp_path):
         for thread in threads:
             thread.join(30)
         assert commands.query_block_jobs(server) == []
-        assert all(dev.top.backing is None for dev in server.devices.values())
+        assert all(dev.top.below is None for dev in server.devices.values())
     finally:
         server.shutdown()
     for name in ("vda", "vdb"):

@@ -1,6 +1,6 @@
 """Backing chains: open them safely, and ask where data lives through their depth.
 
-A chain is the active node with ``backing`` links down to the base.  Opening resolves each backing name
+A chain is the active node with ``below`` links down to the base.  Opening resolves each backing name
 relative to the directory of the image that names it (QEMU's rule), detects loops by (device, inode) and
 bounds the depth, so a hostile image cannot make vdisk hang or open arbitrary files: ``json:`` and protocol
 names (``nbd:``, ``http:``...) are refused, and ``allowed_dirs`` can pin backing files to directories.
@@ -12,12 +12,9 @@ import dataclasses
 import os
 import re
 import stat
-import weakref
 from collections.abc import Iterator, Sequence
 
-import numpy as np
-
-from vdisk.formats.node import Node
+from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, Node
 from vdisk.errors import BackingChainError, FormatError, StorageError
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.cache import CacheOptions
@@ -76,8 +73,8 @@ def open_chain(
     try:
         _remember(seen, node.path)
         depth = 0
-        while isinstance(node, Qcow2Image) and node.header.backing_file:
-            name = node.header.backing_file
+        while node.backing_name:
+            name = node.backing_name
             depth += 1
             if depth > max_depth:
                 raise BackingChainError(f"backing chain deeper than {max_depth} images", path=path)
@@ -105,9 +102,9 @@ def open_chain(
                     f"backing file loop: {target} is already in the chain (as {seen[key]})", path=node.path
                 )
             seen[key] = target
-            backing = open_node(target, node.header.backing_format, read_only=True, force_share=force_share,
+            backing = open_node(target, node.backing_format, read_only=True, force_share=force_share,
                                 cache=cache)
-            node.backing = backing
+            node.below = backing
             node = backing
     except BaseException:
         close_chain(top)
@@ -133,7 +130,7 @@ def nodes(top: Node) -> Iterator[Node]:
     node: Node | None = top
     while node is not None:
         yield node
-        node = node.backing
+        node = node.below
 
 
 def close_chain(top: Node) -> None:
@@ -187,14 +184,10 @@ def _status(node: Node, offset: int, length: int, depth: int, stop_at: Node | No
     if node is stop_at:
         out.append(Extent(offset, length, depth, False, True, False))
         return
-    for start, run_len, kind, host in node.map_units(offset, length):
-        # QEMU reports a host offset wherever one is known: data, preallocated zero clusters, unallocated
-        # subclusters of an allocated cluster (qcow2 never maps guest data at host offset 0: the header).
-        # A raw node's runs always carry their (identity) offset, 0 included.
-        known = node.format_name == "raw" or (kind != fmt.KIND_COMPRESSED and host != 0)
-        host_offset = host if known else None
-        if kind == fmt.KIND_UNALLOCATED:
-            backing = node.backing
+    for status in node.block_status(offset, length):
+        start, run_len, host_offset = status.start, status.length, status.host
+        if status.kind == KIND_UNALLOCATED:
+            backing = node.below
             if backing is None:
                 out.append(Extent(start, run_len, depth, False, True, False, host_offset))
                 continue
@@ -207,72 +200,8 @@ def _status(node: Node, offset: int, length: int, depth: int, stop_at: Node | No
                 past = host_offset + inside if host_offset is not None else None
                 out.append(Extent(start + inside, run_len - inside, depth, False, True, False, past))
             continue
-        if kind == fmt.KIND_DATA and isinstance(node, Qcow2Image) and _metadata_preallocated(node):
-            _preallocated_data(node, start, run_len, host, depth, out)
-            continue
-        out.append(
-            Extent(
-                start,
-                run_len,
-                depth,
-                True,
-                kind == fmt.KIND_ZERO,
-                kind in (fmt.KIND_DATA, fmt.KIND_COMPRESSED),
-                host_offset,
-                node,
-            )
-        )
-
-
-# Per open node, computed once (QEMU: s->metadata_preallocation_checked).
-_PREALLOCATED: weakref.WeakKeyDictionary[Qcow2Image, bool] = weakref.WeakKeyDictionary()
-
-
-def _metadata_preallocated(node: Qcow2Image) -> bool:
-    """QEMU's ``qcow2_detect_metadata_preallocation``: more clusters have a refcount than the file has blocks.
-
-    Such an image (``preallocation=metadata``, ``falloc``...) has data clusters that were never written.  For
-    them QEMU asks the host file too (BDRV_BLOCK_RECURSE) and reports holes as zero, so ``qemu-img map``
-    says ``"zero": true, "data": true``.  Same heuristic, same file, same answer.
-    """
-    known = _PREALLOCATED.get(node)
-    if known is not None:
-        return known
-    st = os.fstat(node.fd)
-    real_clusters = st.st_blocks * 512 // node.cluster_size
-    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-    end_cluster = -(-st.st_size // node.cluster_size)
-    per_block = node.refcount_block_entries
-    counted = 0
-    for rt_index in range(-(-end_cluster // per_block)):
-        with node.lock:  # one section per block: the cache may evict between them
-            block = node._refblock(rt_index)
-            if block is not None:
-                counted += int(np.count_nonzero(block.values()[: end_cluster - rt_index * per_block]))
-        if counted >= threshold:
-            break
-    _PREALLOCATED[node] = counted >= threshold
-    return counted >= threshold
-
-
-def _preallocated_data(node: Qcow2Image, start: int, length: int, host: int, depth: int, out: list[Extent]) -> None:
-    """A data run of a preallocated image, split where its host range is a hole (or past EOF): zero there."""
-    pos, end = host, host + length
-    file_size = os.fstat(node.fd).st_size
-    while pos < end:
-        if pos >= file_size:
-            hole, stop = True, end
-        else:
-            try:
-                data_at = os.lseek(node.fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole up to the end of the file
-                data_at = file_size
-            if data_at > pos:
-                hole, stop = True, min(data_at, end)
-            else:
-                hole, stop = False, min(os.lseek(node.fd, pos, os.SEEK_HOLE), end)
-        out.append(Extent(start + pos - host, stop - pos, depth, True, hole, True, pos, node))
-        pos = stop
+        out.append(Extent(start, run_len, depth, True, status.zero, status.kind in (KIND_DATA, KIND_COMPRESSED),
+                          host_offset, node))
 
 
 def merge_extents(extents: list[Extent]) -> list[Extent]:

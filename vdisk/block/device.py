@@ -45,6 +45,7 @@ import numpy as np
 
 from vdisk.block import chain
 from vdisk.io import native
+from vdisk.formats.buffers import zero_fill
 from vdisk.formats.node import Node
 from vdisk.errors import GenericError, OutOfRange, ReadOnlyError, StorageError, VdiskError
 from vdisk.formats.qcow2.cache import CacheOptions
@@ -187,7 +188,7 @@ class BlockDevice:
                 return False
             buf = bytearray(count * cs)
             whole = memoryview(buf)
-            top.read_backing(whole[: end - start], start)
+            _read_below(top, whole[: end - start], start)
             zero = native.zero_map(buf, cs)
             try:
                 top.populate(start, buf, wanted, zero)
@@ -220,12 +221,12 @@ class BlockDevice:
         first = start // cs
         count = -(-(end - start) // cs)
         wanted = top.unallocated_clusters(first, count)
-        if not wanted.any() or top.backing is None:
+        if not wanted.any() or top.below is None:
             return np.zeros(count, dtype=bool)
         held = np.zeros(count, dtype=bool)
-        backing_end = min(end, top.backing.size)
+        backing_end = min(end, top.below.size)
         if backing_end > start:
-            for e in chain.block_status(top.backing, start, backing_end - start, stop_at=base):
+            for e in chain.block_status(top.below, start, backing_end - start, stop_at=base):
                 if e.present:
                     held[(e.start - start) // cs : -(-(e.start + e.length - start) // cs)] = True
         return wanted & held
@@ -308,7 +309,16 @@ class BlockDevice:
 
 def _adopt(new: Node, old: Node, above: Node) -> None:
     """Put ``new`` in ``old``'s place in the chain (same backing, same QMP node name)."""
-    new.backing = old.backing
+    new.below = old.below
     if getattr(old, "node_name", None) is not None:
         new.node_name = old.node_name
-    above.backing = new
+    above.below = new
+
+
+def _read_below(node: Node, view: memoryview, guest_offset: int) -> None:
+    """What shows through ``node``'s unallocated ranges: its ``below``, zeros past its end or without one."""
+    below = node.below
+    inside = max(0, min(len(view), below.size - guest_offset)) if below is not None else 0
+    if inside:
+        below.pread(view[:inside], guest_offset)
+    zero_fill(view[inside:])

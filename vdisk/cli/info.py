@@ -6,8 +6,6 @@ import os
 
 from vdisk.formats.node import Node
 from vdisk.block.chain import resolve_backing
-from vdisk.formats.qcow2 import format as fmt
-from vdisk.formats.qcow2.image import Qcow2Image
 
 
 def node_info(node: Node) -> dict:
@@ -19,27 +17,10 @@ def node_info(node: Node) -> dict:
         "actual-size": st.st_blocks * 512,
         "dirty-flag": False,
     }
-    if isinstance(node, Qcow2Image):
-        h = node.header
-        info["cluster-size"] = node.cluster_size
-        if h.backing_file:
-            info["backing-filename"] = h.backing_file
-            info["full-backing-filename"] = resolve_backing(node.path, h.backing_file)
-            if h.backing_format:
-                info["backing-filename-format"] = h.backing_format
-        data = {"compat": "1.1" if h.version >= 3 else "0.10"}
-        if h.version >= 3:
-            data.update({
-                "compression-type": fmt.COMPRESSION_NAMES[h.compression_type],
-                "lazy-refcounts": bool(h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS),
-                "refcount-bits": h.refcount_bits,
-                "corrupt": bool(h.incompatible_features & fmt.INCOMPAT_CORRUPT),
-                "extended-l2": h.extended_l2,
-            })
-        else:
-            data.update({"compression-type": "zlib", "refcount-bits": 16})
-        info["format-specific"] = {"type": "qcow2", "data": data}
-        info["dirty-flag"] = bool(h.incompatible_features & fmt.INCOMPAT_DIRTY)
+    for key, value in node.describe().items():
+        info[key] = value
+        if key == "backing-filename":
+            info["full-backing-filename"] = resolve_backing(node.path, value)
     return info
 
 

@@ -46,11 +46,11 @@ import numpy as np
 
 from vdisk.block import chain
 from vdisk.io import native
-from vdisk.formats.node import Node
+from vdisk.formats.buffers import zero_fill
+from vdisk.formats.node import KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, Node
 from vdisk.block.device import COPY, BlockDevice
 from vdisk.errors import BackingChainError, DeviceNotActive, GenericError
-from vdisk.formats.qcow2 import format as fmt
-from vdisk.formats.qcow2.image import Qcow2Image, zero_fill
+from vdisk.formats.qcow2.image import Qcow2Image
 import itertools
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def find_base(device: BlockDevice, base: str | None = None, base_node: Node | No
         return None
     nodes = list(chain.nodes(top if top is not None else device.top))
     for above, node in itertools.pairwise(nodes):
-        stored = getattr(above, "header", None) and above.header.backing_file
+        stored = above.backing_name
         if stored == base or os.path.abspath(base) == os.path.abspath(node.path) or _same_file(base, node.path):
             return node
     raise BackingChainError(f"Can't find '{base}' in the backing chain")
@@ -93,7 +93,7 @@ def backing_name_for(top: Node, base: Node | None, above_base: Node | None) -> t
     """
     if base is None:
         return None, None
-    stored = above_base.header.backing_file if isinstance(above_base, Qcow2Image) else None
+    stored = above_base.backing_name
     if stored is None or os.path.isabs(stored):
         return stored or base.path, base.format_name
     return os.path.relpath(chain.resolve_backing(above_base.path, stored), os.path.dirname(top.path) or "."), \
@@ -171,7 +171,7 @@ class StreamCopier:
         """The first cluster-aligned offset in [position, position + window) that the chain above the base
         holds, or the window's end."""
         stop = min(self.length, position + window)
-        backing = self.top.backing
+        backing = self.top.below
         chain_end = min(stop, backing.size) if backing is not None else position
         if chain_end > position:
             cs = self.top.cluster_size
@@ -200,10 +200,10 @@ class StreamCopier:
         first = start // cs
         count = -(-(end - start) // cs)
         free = top.unallocated_clusters(first, count)
-        partial = self._partially_allocated(start, end)
+        partial = top.partially_allocated(start, end - start)
         if not free.any() and not partial:
             return None
-        backing = top.backing
+        backing = top.below
         backing_end = min(end, backing.size) if backing is not None else start
         pieces = resolve(backing, start, backing_end, self.base) if backing_end > start else []
         held = np.zeros(count, dtype=bool)
@@ -218,21 +218,6 @@ class StreamCopier:
             _read_pieces(buf, start, pieces, spans, min(end, backing_end) if backing_end > start else start)
         zero = native.zero_map(buf, cs)
         return wanted, buf, zero, partial, whole
-
-    def _partially_allocated(self, start: int, end: int) -> list[int]:
-        """Clusters (extended L2) with some subclusters still reading from the backing chain."""
-        if not self.top.extended_l2:
-            return []
-        cs = self.top.cluster_size
-        out = set()
-        for run_start, length, kind, _ in self.top.map_units(start, end - start):
-            if kind == fmt.KIND_UNALLOCATED:
-                first, last = run_start // cs, (run_start + length - 1) // cs
-                for cluster in (first, last):
-                    lo = cluster * cs
-                    if run_start > lo or run_start + length < min(lo + cs, self.length):
-                        out.add(cluster)
-        return sorted(out)
 
     def _write(self, token, start: int, end: int, work) -> None:
         try:
@@ -286,7 +271,7 @@ class StreamCopier:
         with device.quiesced():
             top.set_backing(name, base_format)
             dropped = nodes[1 : nodes.index(base)] if base is not None else nodes[1:]
-            top.backing = base
+            top.below = base
         for node in dropped:
             node.close()
 
@@ -333,17 +318,17 @@ def resolve(node: Node | None, start: int, stop: int, base: Node | None) -> list
             while j < len(runs_) and runs_[j][0] < b:
                 r_start, r_len, kind, host = runs_[j]
                 lo, hi = max(a, r_start), min(b, r_start + r_len)
-                if kind == fmt.KIND_UNALLOCATED:
+                if kind == KIND_UNALLOCATED:
                     if todo and todo[-1][1] == lo:
                         todo[-1] = (todo[-1][0], hi)
                     else:
                         todo.append((lo, hi))
                 else:
-                    if kind == fmt.KIND_DATA:
+                    if kind == KIND_DATA:
                         host += lo - r_start
                     pieces.append(Piece(lo, hi, node, kind, host, True))
                 j += 1
-        node = node.backing
+        node = node.below
     pieces.sort(key=lambda p: p.start)
     return pieces
 
@@ -371,10 +356,10 @@ def _read_pieces(view: memoryview, chunk_start: int, pieces: list[Piece], spans:
                 zero_fill(view[cursor - chunk_start : lo - chunk_start])
             cursor = hi
             dst = view[lo - chunk_start : hi - chunk_start]
-            if p.node is None or p.kind == fmt.KIND_ZERO:
+            if p.node is None or p.kind == KIND_ZERO:
                 zero_fill(dst)
-            elif p.kind == fmt.KIND_DATA and isinstance(p.node, Qcow2Image):
-                p.node._pread_into(dst, p.host + lo - p.start)
+            elif p.kind == KIND_DATA and isinstance(p.node, Qcow2Image):
+                p.node.read_mapped(dst, lo, KIND_DATA, p.host + lo - p.start)
             else:
                 p.node.pread(dst, lo)
         if b > cursor:

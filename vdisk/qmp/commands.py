@@ -105,6 +105,10 @@ def query_commands(server) -> list:
     return [{"name": name} for name in sorted({"qmp_capabilities", *COMMANDS})]
 
 
+# What query-block's ImageInfo carries of a node's ``describe()`` (vdisk info prints more).
+IMAGE_INFO_FACTS = ("cluster-size", "backing-filename", "backing-filename-format")
+
+
 def image_info(node) -> dict:
     info: dict[str, Any] = {
         "filename": node.path,
@@ -112,16 +116,13 @@ def image_info(node) -> dict:
         "virtual-size": node.size,
         "dirty-flag": False,
     }
-    if isinstance(node, Qcow2Image):
-        info["cluster-size"] = node.cluster_size
-        h = node.header
-        if h.backing_file:
-            info["backing-filename"] = h.backing_file
-            info["full-backing-filename"] = chain.resolve_backing(node.path, h.backing_file)
-            if h.backing_format:
-                info["backing-filename-format"] = h.backing_format
-    if node.backing is not None:
-        info["backing-image"] = image_info(node.backing)
+    for key, value in node.describe().items():
+        if key in IMAGE_INFO_FACTS:
+            info[key] = value
+        if key == "backing-filename":
+            info["full-backing-filename"] = chain.resolve_backing(node.path, value)
+    if node.below is not None:
+        info["backing-image"] = image_info(node.below)
     return info
 
 
@@ -141,8 +142,8 @@ def node_info(node, read_only: bool) -> dict:
         "cache": {"writeback": True, "direct": False, "no-flush": False},
         "image": image_info(node),
     }
-    if isinstance(node, Qcow2Image) and node.header.backing_file:
-        info["backing_file"] = node.header.backing_file
+    if node.backing_name:
+        info["backing_file"] = node.backing_name
     return info
 
 
@@ -350,7 +351,7 @@ def blockdev_snapshot_sync(server, snapshot_file: str, device: str | None = None
                 raise GenericError(f"Snapshot '{snapshot_file}' has size {new_top.size}, "
                                    f"the device {old_top.size}")
             old_top.flush()
-            new_top.backing = old_top
+            new_top.below = old_top
             if snapshot_node_name:
                 new_top.node_name = snapshot_node_name
             dev.top = new_top

@@ -31,6 +31,9 @@ from vdisk.io import native
 from vdisk.block.device import BlockDevice
 from vdisk.jobs import stream
 from vdisk.formats.qcow2 import image as qimage
+from vdisk.formats.qcow2.cluster import Clusters
+from vdisk.formats.qcow2.file import ImageFile
+from vdisk.formats.qcow2.refcount import Refcounts
 
 TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
 SPANS: list[tuple[str, float, float]] = []  # (label, start, end) of the calls made while finishing
@@ -65,18 +68,18 @@ def instrument() -> None:
             timed(stream, name, label)
     timed(qimage.Qcow2Image, "map_units", "map_units")
     timed(stream.StreamCopier, "_read", "_read (total)")
-    timed(qimage.Qcow2Image, "read_backing", "read_backing (through the chain)")
+    timed(qimage.Qcow2Image, "pread", "pread (through the chain)")
     timed(qimage.Qcow2Image, "unallocated_clusters", "unallocated_clusters")
     timed(native, "zero_map", "zero_map (C)")
     timed(qimage.Qcow2Image, "populate", "populate (total)")
     timed(native, "pwrite_selected", "  pwrite_selected (C)")
-    timed(qimage.Qcow2Image, "_allocate", "  _allocate")
-    timed(qimage.Qcow2Image, "_commit", "  _commit (L2 updates)")
+    timed(Refcounts, "allocate", "  allocate")
     timed(stream.StreamCopier, "drain", "drain (waiting for the writer)")
-    timed(qimage.Qcow2Image, "_fdatasync", "fdatasync")
-    timed(qimage.Qcow2Image, "_flush_metadata", "flush metadata")
+    timed(ImageFile, "fdatasync", "fdatasync")
+    timed(Refcounts, "write_back", "flush metadata: refcounts")
+    timed(Clusters, "write_back", "flush metadata: L2 and L1")
     timed(qimage.Qcow2Image, "set_backing", "set_backing (header + fdatasync)")
-    timed(qimage.Qcow2Image, "_pwrite", "_pwrite (metadata writes)")
+    timed(ImageFile, "pwrite", "pwrite (metadata writes)")
     timed(BlockDevice, "quiesced", "quiesced (enter)")
 
 

@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 # Coverage is collected only where the target's parser lives (instrumented Python runs many times slower):
 # atheris includes whole top-level packages, so every other vdisk module is excluded by name.
 IMAGE_MODULES = ["vdisk.formats.qcow2.format", "vdisk.formats.qcow2.image", "vdisk.formats.qcow2.tables", "vdisk.formats.qcow2.check",
-                 "vdisk.block.chain", "vdisk.formats.raw"]
+                 "vdisk.formats.qcow2.file", "vdisk.formats.qcow2.refcount", "vdisk.formats.qcow2.cluster",
+                 "vdisk.formats.qcow2.compressed", "vdisk.block.chain", "vdisk.formats.raw"]
 INSTRUMENT = {
     "qmp_framing": ["vdisk.qmp.protocol"],
     "qmp_arguments": ["vdisk.qmp.protocol"],

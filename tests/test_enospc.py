@@ -220,7 +220,7 @@ def test_a_flush_that_fails_keeps_the_pending_frees_for_the_next_one(tmp_path, m
     image.pwrite(b"\x42" * (4 * 65536), 0)
     image.flush()
     image.trim(0, 2 * 65536)
-    l2_host = int(image._l1.view[0]) & ((1 << 56) - 512)
+    l2_host = int(image.clusters.l1_entries()[0]) & ((1 << 56) - 512)
     monkeypatch.setattr(faults, "_RULES", [{"path": os.path.realpath(path), "op": "write", "offset": l2_host,
                                             "length": 65536, "errno": 28, "count": 1}])
     monkeypatch.setattr(faults, "ENABLED", True)

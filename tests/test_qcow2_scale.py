@@ -53,6 +53,7 @@ from tests.support.images import assert_clean, qemu_img_check, qemu_img_compare,
 from vdisk.io import native
 from vdisk.block.chain import merge_extents, open_chain
 from vdisk.errors import OutOfRange
+from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.cache import TINY_CACHES, CacheOptions
 from vdisk.formats.qcow2.image import Qcow2Image
@@ -573,11 +574,11 @@ def test_native_io_at_file_offsets_past_2_41(core_name: str, tmp_path: Path):
 def _decode_l2_entry(entry: int, cluster_bits: int) -> tuple[int, int]:
     """(kind, host) of a standard L2 entry, one entry at a time (the reference for the numpy decoding)."""
     if entry & fmt.OFLAG_COMPRESSED:
-        return fmt.KIND_COMPRESSED, entry
+        return KIND_COMPRESSED, entry
     host = entry & fmt.L2E_OFFSET_MASK
     if entry & fmt.OFLAG_ZERO:
-        return fmt.KIND_ZERO, host
-    return (fmt.KIND_DATA, host) if host else (fmt.KIND_UNALLOCATED, 0)
+        return KIND_ZERO, host
+    return (KIND_DATA, host) if host else (KIND_UNALLOCATED, 0)
 
 
 @pytest.mark.parametrize("cluster_bits", [9, 16, 21], ids=lambda b: size_name(1 << b))
@@ -603,13 +604,13 @@ def test_l2_decoding_of_host_offsets_past_2_32_clusters(cluster_bits: int):
     kinds, hosts = l2_units(np.array(entries, dtype=">u8"), False, cluster_bits)
     assert [(int(k), int(h)) for k, h in zip(kinds, hosts)] == [_decode_l2_entry(e, cluster_bits) for e in entries]
     assert runs(kinds, hosts, cs) == [
-        (0, 3, fmt.KIND_DATA, (far - 1) * cs),
-        (3, 1, fmt.KIND_DATA, (far + 5) * cs),
-        (4, 1, fmt.KIND_ZERO, (far + 7) * cs),
-        (5, 1, fmt.KIND_ZERO, 0),
-        (6, 1, fmt.KIND_UNALLOCATED, 0),
-        (7, 1, fmt.KIND_COMPRESSED, entries[7]),
-        (8, 2, fmt.KIND_DATA, (last_cluster - 1) * cs),
+        (0, 3, KIND_DATA, (far - 1) * cs),
+        (3, 1, KIND_DATA, (far + 5) * cs),
+        (4, 1, KIND_ZERO, (far + 7) * cs),
+        (5, 1, KIND_ZERO, 0),
+        (6, 1, KIND_UNALLOCATED, 0),
+        (7, 1, KIND_COMPRESSED, entries[7]),
+        (8, 2, KIND_DATA, (last_cluster - 1) * cs),
     ]
     host, length = fmt.compressed_extent(entries[7], cluster_bits)
     assert (host, length) == (compressed_host, compressed_sectors * fmt.SECTOR - (compressed_host & (fmt.SECTOR - 1)))
@@ -623,10 +624,10 @@ def test_l2_decoding_of_host_offsets_past_2_32_clusters(cluster_bits: int):
                         dtype=">u8")
     kinds, hosts = l2_units(extended, True, cluster_bits)
     for k in range(fmt.SUBCLUSTERS_PER_CLUSTER):
-        expected = fmt.KIND_DATA if alloc_bits >> k & 1 else fmt.KIND_ZERO if k in (4, 5) else fmt.KIND_UNALLOCATED
+        expected = KIND_DATA if alloc_bits >> k & 1 else KIND_ZERO if k in (4, 5) else KIND_UNALLOCATED
         assert (int(kinds[k]), int(hosts[k])) == (expected, (far + 3) * cs + k * sub), k
-        assert (int(kinds[32 + k]), int(hosts[32 + k])) == (fmt.KIND_DATA, last_cluster * cs + k * sub), k
-    assert runs(kinds[32:], hosts[32:], sub) == [(0, 32, fmt.KIND_DATA, last_cluster * cs)]
+        assert (int(kinds[32 + k]), int(hosts[32 + k])) == (KIND_DATA, last_cluster * cs + k * sub), k
+    assert runs(kinds[32:], hosts[32:], sub) == [(0, 32, KIND_DATA, last_cluster * cs)]
 
 
 FAR_CLUSTER_BITS = 10  # 1 KiB clusters and 1-bit refcounts: a refcount block covers 8192 clusters
@@ -732,7 +733,7 @@ def test_image_with_metadata_and_data_past_2_32_clusters(cache_name: str, tmp_pa
             top.pread(buf, start)  # the whole disk, then the scalar paths: two clusters, one, a whole one
             assert buf == model[start : start + length], (start, length)
         with top.lock:
-            assert [top.refcount(c) for c in (8191, 8192, FAR - 1, FAR, FAR + 6, FAR + 7)] == [1, 0, 0, 1, 1, 0]
+            assert [top.refcounts.refcount(c) for c in (8191, 8192, FAR - 1, FAR, FAR + 6, FAR + 7)] == [1, 0, 0, 1, 1, 0]
         vdisk_writes = [Write(100, rng.randbytes(700)),  # in place, past cluster 2^32
                         Write(128 * KiB + 900, rng.randbytes(300)),  # in place, then one new cluster
                         Write(300 * KiB + 5, rng.randbytes(2 * KiB))]  # a new L2 table and three data clusters

@@ -19,10 +19,7 @@ def node_info(node: Node) -> dict:
     }
     info.update(node.describe())
     if node.backing_name:
-        info["backing-filename"] = node.backing_name
         info["full-backing-filename"] = resolve_backing(node.path, node.backing_name)
-        if node.backing_format:
-            info["backing-filename-format"] = node.backing_format
     return info
 
 

@@ -1,4 +1,9 @@
-"""A raw image file as a backend node (a base image of a chain, or a raw export)."""
+"""A raw image file as a node (a base image of a chain, or a raw export).
+
+Guest offset and file offset are the same.  A raw file names no backing file and holds every byte itself:
+its map is data where the file has data and zeros over its holes, nothing ever shows through from
+``below``, and the stream's calls that fill unallocated clusters have nothing to do or refuse.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,28 @@ import ctypes.util
 import errno
 import os
 
+import numpy as np
+
+from vdisk.errors import OutOfRange, ReadOnlyError, StorageError, UnsupportedFeature
+from vdisk.formats.buffers import zero_fill
+from vdisk.formats.node import KIND_DATA, KIND_ZERO, Below, Run, Status
 from vdisk.io import faults, locking, native
-from vdisk.errors import OutOfRange, ReadOnlyError, StorageError
-from vdisk.formats.qcow2 import format as fmt
 
 
 class RawImage:
     format_name = "raw"
-    backing = None
-    cluster_size = 65536
+    cluster_size = 65536  # the granularity the block layer locks and copies in; a raw file has none of its own
+    backing_name = None
+    backing_format = None
+    can_have_backing = False
+    node_name: str | None = None  # the QMP node name, once the monitor named it
 
     def __init__(self, path: str, fd: int, *, read_only: bool):
         self.path = path
         self.fd = fd
         self.read_only = read_only
         self.size = os.fstat(fd).st_size
+        self.below: Below | None = None  # never read: a raw file holds all of its range
 
     @classmethod
     def open(cls, path: str, *, read_only: bool = False, force_share: bool = False) -> RawImage:
@@ -59,6 +71,20 @@ class RawImage:
         if faults.ENABLED:
             faults.check(self.path, "read", guest_offset, len(view))
         native.pread_full(self.fd, view, guest_offset)
+
+    def read_mapped(self, buf, guest_offset: int, kind: int, host: int) -> None:
+        """A run of ``map_units``: DATA at file offset ``host``, or ZERO (a hole)."""
+        view = memoryview(buf).cast("B")
+        self._check(guest_offset, len(view))
+        if kind == KIND_ZERO:
+            zero_fill(view)
+            return
+        if kind != KIND_DATA:
+            raise OutOfRange(f"{self.path}: a raw file has no runs of kind {kind}", offset=guest_offset,
+                             length=len(view))
+        if faults.ENABLED:
+            faults.check(self.path, "read", host, len(view))
+        native.pread_full(self.fd, view, host)
 
     def pwrite(self, buf, guest_offset: int, *, fua: bool = False) -> None:
         self._writable()
@@ -105,9 +131,9 @@ class RawImage:
     def clean_caches(self) -> int:
         return 0  # a raw file caches no metadata
 
-    def map_units(self, guest_offset: int, length: int) -> list[tuple[int, int, int, int]]:
+    def map_units(self, guest_offset: int, length: int) -> list[Run]:
         """Data where the file has data, zero where it has holes (SEEK_DATA/SEEK_HOLE), like QEMU."""
-        out = []
+        out: list[Run] = []
         pos, end = guest_offset, guest_offset + length
         while pos < end:
             try:
@@ -116,13 +142,34 @@ class RawImage:
                 data = end
             if data > pos:
                 stop = min(data, end)
-                out.append((pos, stop - pos, fmt.KIND_ZERO, pos))
+                out.append((pos, stop - pos, KIND_ZERO, pos))
                 pos = stop
                 continue
             hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
-            out.append((pos, hole - pos, fmt.KIND_DATA, pos))
+            out.append((pos, hole - pos, KIND_DATA, pos))
             pos = hole
         return out
+
+    def block_status(self, guest_offset: int, length: int) -> list[Status]:
+        """``map_units`` with every host offset known (the identity, 0 included)."""
+        return [Status(start, run_length, kind, kind == KIND_ZERO, host)
+                for start, run_length, kind, host in self.map_units(guest_offset, length)]
+
+    def describe(self) -> dict:
+        return {}  # qemu-img info says nothing of a raw file beyond its size and name
+
+    def unallocated_clusters(self, first: int, count: int) -> np.ndarray:
+        return np.zeros(count, dtype=bool)  # every byte is the file's own
+
+    def partially_allocated(self, guest_offset: int, length: int) -> list[int]:
+        return []
+
+    def populate(self, guest_offset: int, buf, wanted: np.ndarray, zero: np.ndarray) -> int:
+        raise UnsupportedFeature("a raw image has no unallocated clusters to fill from a backing file",
+                                 path=self.path)
+
+    def set_backing(self, backing_name: str | None, backing_format: str | None) -> None:
+        raise UnsupportedFeature("a raw image cannot record a backing file", path=self.path)
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -1,7 +1,7 @@
 """I/O recording for power-loss tests: every image write and fdatasync, in the order they reached the OS.
 
 ``VDISK_IOLOG=PATH`` (environment, read once at import) or :func:`start` (in-process tests) turns it on.  The
-qcow2 image then routes each payload/metadata write (``Qcow2Image._pwrite``; its pwritev and populate paths
+qcow2 image then routes each payload/metadata write (``ImageFile.pwrite``; its pwritev and populate paths
 fall back to it while recording) and each fdatasync through :func:`write` and :func:`sync`, which run the
 real call and append a record to ``PATH`` (one JSON line each); the written bytes go to ``PATH.data``.
 

@@ -13,10 +13,11 @@ L2 entries of about half the writes vanished).  So:
   chunk size).
 * Eviction happens only at a *safe point*, where no table reference is alive: the end of the outermost
   metadata section (``MetadataLock``, which the image holds around every use of a table), or an explicit
-  ``Qcow2Image.trim_caches()`` in a long loop that holds the lock throughout (``check``).
+  ``MetadataLock.safe_point()`` in a long loop that holds the lock throughout (``check``, reading every
+  refcount block).  What runs there is ``Qcow2Image.trim_caches``.
 * Only clean tables are evicted.  When the tables over capacity are all dirty, the image writes its
-  metadata back in crash-safe order first (a full flush, ``Qcow2Image._flush_metadata``), so no eviction
-  ever writes one table out of order.
+  metadata back in crash-safe order first (a full flush, the facade's ``Qcow2Image.flush`` ordering), so no
+  eviction ever writes one table out of order.
 
 Idle tables (QEMU's ``cache-clean-interval``): each lookup marks its table used; ``drop_idle`` drops clean
 tables not used since the previous call and clears the marks.  The serving process calls it every interval.
@@ -164,6 +165,12 @@ class MetadataLock:
         self._lock.acquire()
         self._depth += 1
         return self
+
+    def safe_point(self) -> None:
+        """Run ``at_safe_point`` now, inside a section: for a loop that holds the lock throughout, between two
+        tables (the caller holds no table reference at this point)."""
+        with self._lock:
+            self._at_safe_point()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

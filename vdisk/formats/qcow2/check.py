@@ -10,22 +10,41 @@ The order is QEMU's (``qcow2_check_refcounts``): refcounts are compared and repa
 are checked against the refcounts as repaired, and repaired with ``all``, or with ``leaks`` when nothing
 else is left wrong (fixing a flag changes no refcount).  A referenced cluster whose stored refcount is 0
 needs QEMU's full refcount rebuild: ``leaks`` then refuses to repair anything and reports a check error.
+
+The check reads and repairs the image only through the public API of its parts (``refcount.Refcounts``,
+``cluster.Clusters``, ``file.ImageFile``) and the two writes of the facade that order them
+(``CheckedImage``), holding the metadata lock throughout and calling its safe point between tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
+from typing import Protocol
 
 import numpy as np
 
 from vdisk.errors import VdiskError
 from vdisk.formats.qcow2 import format as fmt
-from vdisk.formats.qcow2.image import Qcow2Image
+from vdisk.formats.qcow2.cluster import Clusters
+from vdisk.formats.qcow2.file import ImageFile
+from vdisk.formats.qcow2.refcount import Refcounts
 
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # "Snapshot table entry", fixed part (40 bytes)
 MAX_CHECK_CLUSTERS = (1 << 31) - 1  # QEMU: a file of more clusters than INT_MAX is not checked
+
+
+class CheckedImage(Protocol):
+    """What the check needs of an open image (``image.Qcow2Image``): its parts, and the facade's writes that
+    make a repair durable in crash-safe order."""
+
+    file: ImageFile
+    refcounts: Refcounts
+    clusters: Clusters
+
+    def flush(self) -> None: ...
+
+    def set_incompatible_features(self, features: int) -> None: ...
 
 
 @dataclasses.dataclass
@@ -73,15 +92,18 @@ class CheckResult:
         return out
 
 
-def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
+def check_image(image: CheckedImage, repair: str | None = None) -> CheckResult:
     """Check ``image`` (open; read-write if repair is 'leaks' or 'all')."""
     if repair not in (None, "leaks", "all"):
         raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
-    result = CheckResult(image.path)
-    with image.lock:
-        cs = image.cluster_size
-        bits = image.cluster_bits
-        file_clusters = -(-os.fstat(image.fd).st_size // cs)
+    file, refcounts, clusters = image.file, image.refcounts, image.clusters
+    if repair:
+        file.check_writable()
+    result = CheckResult(file.path)
+    with file.lock:
+        cs = file.cluster_size
+        bits = file.cluster_bits
+        file_clusters = -(-file.file_size() // cs)
         if file_clusters > MAX_CHECK_CLUSTERS:
             # QEMU's qcow2_check_refcounts refuses such a file (EFBIG), and vdisk's counts below would take
             # 8 bytes of memory per cluster: 32 GiB for 2^32 clusters.
@@ -89,7 +111,7 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
             result.messages.append(f"Check failed: File too large ({file_clusters} clusters, QEMU checks at "
                                    f"most {MAX_CHECK_CLUSTERS})")
             return result
-        n = max(file_clusters, image._host_end >> bits) + 1
+        n = max(file_clusters, refcounts.host_end >> bits) + 1
         refs: list[np.ndarray] = []
 
         def add_range(host: int, length: int, what: str) -> None:
@@ -101,29 +123,29 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
                 return
             refs.append(np.arange(first, last + 1, dtype=np.int64))
 
-        def add_clusters(clusters: np.ndarray, what: str) -> None:
-            past = clusters >= n
+        def add_clusters(cluster_indices: np.ndarray, what: str) -> None:
+            past = cluster_indices >= n
             if past.any():
                 result.corruptions += int(np.count_nonzero(past))
                 result.messages.append(f"ERROR {what} lies past the end of the file")
-            refs.append(clusters[~past])
+            refs.append(cluster_indices[~past])
 
         add_range.clusters = add_clusters  # type: ignore[attr-defined]
 
         add_range(0, cs, "header")
-        h = image.header
+        h = file.header
         add_range(h.l1_table_offset, h.l1_size * 8, "L1 table")
-        add_range(image._reftable.host_offset, len(image._reftable.data), "refcount table")
-        for block_host in image._reftable.view.astype(np.uint64) & np.uint64(fmt.REFT_OFFSET_MASK):
+        add_range(*refcounts.table_extent(), "refcount table")
+        for block_host in refcounts.block_offsets().tolist():
             if block_host:
-                add_range(int(block_host), cs, "refcount block")
-        allocated = _count_l1(image, image._l1.view, add_range, result, active=True)
+                add_range(block_host, cs, "refcount block")
+        allocated = _count_l1(clusters, clusters.l1_entries(), add_range, result, active=True)
         result.allocated_clusters = allocated
         if h.nb_snapshots:
-            _count_snapshots(image, add_range, result)
+            _count_snapshots(clusters, add_range, result)
 
         expected = np.bincount(np.concatenate(refs) if refs else np.zeros(0, np.int64), minlength=n)
-        stored = _stored_refcounts(image, n)
+        stored = refcounts.stored_refcounts(n)
         low = np.flatnonzero(stored < expected)
         high = np.flatnonzero(stored > expected)
         for i in low[:20]:
@@ -150,9 +172,8 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
                 result.messages.append(f"ERROR overflow cluster {i} reference={expected[i]} exceeds "
                                        f"{h.refcount_bits}-bit refcounts")
             low = np.setdiff1d(low, overflow)
-            fix = list(high) + (list(low) if repair == "all" else [])
-            for i in fix:
-                image._set_refcount(int(i), int(expected[i]))
+            fix = np.concatenate((high, low if repair == "all" else low[:0]))
+            refcounts.repair(fix, expected[fix])
             current = stored.copy()
             current[fix] = expected[fix]
             result.leaks_fixed = int(high.size)
@@ -160,63 +181,58 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckResult:
             if repair == "all":
                 result.corruptions_fixed = int(low.size)
                 result.corruptions -= int(low.size)
-            if fix:
-                image._free_hint = 0
         fix_copied = repair == "all" or (
             repair == "leaks" and not (result.corruptions or result.leaks or result.check_errors)
         )
-        _check_copied(image, current, result, fix_copied)
+        _check_copied(clusters, current, result, fix_copied)
         if repair:
-            image._fdatasync()
-            image._flush_metadata()
+            image.flush()
             if not result.check_errors and not result.corruptions:
                 _mark_clean_and_consistent(image)
     return result
 
 
-def _mark_clean_and_consistent(image: Qcow2Image) -> None:
+def _mark_clean_and_consistent(image: CheckedImage) -> None:
     """After a successful repair, clear the dirty and corrupt bits (QEMU's qcow2_mark_clean/_consistent)."""
-    h = image.header
+    h = image.file.header
     bits = h.incompatible_features & ~(fmt.INCOMPAT_DIRTY | fmt.INCOMPAT_CORRUPT)
     if bits != h.incompatible_features and h.version >= 3:
-        image._pwrite(fmt.U64.pack(bits), fmt.OFFSET_INCOMPATIBLE_FEATURES)
-        image._fdatasync()
-        h.incompatible_features = bits
+        image.set_incompatible_features(bits)
 
 
-def _check_copied(image: Qcow2Image, refcounts: np.ndarray, result: CheckResult, repair: bool) -> None:
+def _check_copied(clusters: Clusters, refcounts: np.ndarray, result: CheckResult, repair: bool) -> None:
     """COPIED must be set exactly where the refcount is 1: L1 entries (L2 tables) and L2 entries (data)."""
-    bits = image.cluster_bits
+    file = clusters.file
+    bits = file.cluster_bits
 
     def refcount_of(host: np.ndarray) -> np.ndarray:
         clusters = (host >> np.uint64(bits)).astype(np.int64)
         inside = clusters < len(refcounts)
         return np.where(inside, refcounts[np.minimum(clusters, len(refcounts) - 1)], 0)
 
-    l1 = image._l1.view
-    for l1_index, entry in enumerate(l1.astype(np.uint64).tolist()):
+    for l1_index, entry in enumerate(clusters.l1_entries().astype(np.uint64).tolist()):
         l2_host = entry & fmt.L1E_OFFSET_MASK
-        if not l2_host or l2_host % image.cluster_size:
+        if not l2_host or l2_host % file.cluster_size:
             continue
         refcount = int(refcount_of(np.array([l2_host], dtype=np.uint64))[0])
         if bool(entry & fmt.OFLAG_COPIED) != (refcount == 1):
             result.messages.append(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED L2 cluster: "
                                    f"l1_index={l1_index} l1_entry={entry:x} refcount={refcount}")
             if repair:
-                image._set_l1_entry(l1_index, entry | fmt.OFLAG_COPIED if refcount == 1 else entry & ~fmt.OFLAG_COPIED)
+                clusters.set_l1_entry(l1_index, entry | fmt.OFLAG_COPIED if refcount == 1 else entry & ~fmt.OFLAG_COPIED)
                 result.corruptions_fixed += 1
             else:
                 result.corruptions += 1
         try:
-            table = image._l2_table(l1_index)
+            table = clusters.l2_table(l1_index)
         except VdiskError:  # unreadable: already counted as a check error by _count_l1
             continue
         if table is None:
             continue
-        descs = table.view[0 :: image.l2_words].astype(np.uint64)
+        descs = table.view[0 :: file.l2_words].astype(np.uint64)
         hosts = descs & np.uint64(fmt.L2E_OFFSET_MASK)
         normal = ((descs & np.uint64(fmt.OFLAG_COMPRESSED)) == 0) & (hosts != 0)
-        normal &= (hosts % np.uint64(image.cluster_size)) == 0
+        normal &= (hosts % np.uint64(file.cluster_size)) == 0
         copied = (descs & np.uint64(fmt.OFLAG_COPIED)) != 0
         wrong = np.flatnonzero(normal & (copied != (refcount_of(hosts) == 1)))
         for i in wrong.tolist():
@@ -225,20 +241,21 @@ def _check_copied(image: Qcow2Image, refcounts: np.ndarray, result: CheckResult,
             result.messages.append(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data cluster: "
                                    f"l2_entry={desc:x} refcount={refcount}")
             if repair:
-                table.view[i * image.l2_words] = desc | fmt.OFLAG_COPIED if refcount == 1 else desc & ~fmt.OFLAG_COPIED
+                table.view[i * file.l2_words] = desc | fmt.OFLAG_COPIED if refcount == 1 else desc & ~fmt.OFLAG_COPIED
                 table.dirty = True
                 result.corruptions_fixed += 1
             else:
                 result.corruptions += 1
-        image.trim_caches()  # a safe point: this table is done with
+        file.lock.safe_point()  # this table is done with
 
 
-def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult, *, active: bool) -> int:
+def _count_l1(clusters: Clusters, l1: np.ndarray, add_range, result: CheckResult, *, active: bool) -> int:
     """Count the L2 tables and data clusters an L1 table references; returns guest clusters allocated.
 
     ``active``: the image's own L1 table (its L2 tables go through the image's cache), not a snapshot's.
     """
-    cs = image.cluster_size
+    file = clusters.file
+    cs = file.cluster_size
     allocated = 0
     for l1_index, entry in enumerate(l1.astype(np.uint64).tolist()):
         l2_host = entry & fmt.L1E_OFFSET_MASK
@@ -250,12 +267,12 @@ def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult,
             continue
         add_range(l2_host, cs, "L2 table")
         try:
-            table = image._l2_table(l1_index) if active else image._load_l2(l2_host, l1_index)
+            table = clusters.l2_table(l1_index) if active else clusters.load_l2(l2_host, l1_index)
         except Exception as exc:  # a table we cannot even read is one check error, as in QEMU
             result.check_errors += 1
             result.messages.append(f"ERROR reading L2 table of l1[{l1_index}]: {exc}")
             continue
-        descs = table.view[0 :: image.l2_words].astype(np.uint64)
+        descs = table.view[0 :: file.l2_words].astype(np.uint64)
         compressed = (descs & np.uint64(fmt.OFLAG_COMPRESSED)) != 0
         hosts = descs & np.uint64(fmt.L2E_OFFSET_MASK)
         normal = ~compressed & (hosts != 0)
@@ -264,43 +281,30 @@ def _count_l1(image: Qcow2Image, l1: np.ndarray, add_range, result: CheckResult,
         for i in np.flatnonzero(bad)[:5]:
             result.messages.append(f"ERROR l2 entry {i} of l1[{l1_index}]: offset {int(hosts[i]):#x} unaligned")
         result.corruptions += int(np.count_nonzero(bad))
-        add_range.clusters((hosts[normal & ~bad] >> np.uint64(image.cluster_bits)).astype(np.int64), "data cluster")
+        add_range.clusters((hosts[normal & ~bad] >> np.uint64(file.cluster_bits)).astype(np.int64), "data cluster")
         for desc in descs[compressed].tolist():
-            host, length = fmt.compressed_extent(desc, image.cluster_bits)
+            host, length = fmt.compressed_extent(desc, file.cluster_bits)
             add_range(host, length, "compressed cluster")
-        image.trim_caches()  # a safe point: this table is done with
+        file.lock.safe_point()  # this table is done with
     return allocated
 
 
-def _count_snapshots(image: Qcow2Image, add_range, result: CheckResult) -> None:
-    h = image.header
+def _count_snapshots(clusters: Clusters, add_range, result: CheckResult) -> None:
+    file = clusters.file
+    h = file.header
     offset = h.snapshots_offset
     start = offset
     for _ in range(h.nb_snapshots):
-        raw = image._pread(SNAPSHOT_HEADER.size, offset)
+        raw = file.pread(SNAPSHOT_HEADER.size, offset)
         l1_offset, l1_size, id_len, name_len, _, _, _, _, extra = SNAPSHOT_HEADER.unpack(raw)
         offset += SNAPSHOT_HEADER.size + extra + id_len + name_len
         offset += -offset % 8
-        if l1_size * 8 > fmt.MAX_L1_BYTES or l1_offset % image.cluster_size:
+        if l1_size * 8 > fmt.MAX_L1_BYTES or l1_offset % file.cluster_size:
             result.corruptions += 1
             result.messages.append(f"ERROR snapshot L1 table at {l1_offset:#x} invalid")
             continue
         add_range(l1_offset, l1_size * 8, "snapshot L1 table")
-        l1 = np.frombuffer(image._pread(l1_size * 8, l1_offset), dtype=">u8")
-        _count_l1(image, l1, add_range, result, active=False)
+        l1 = np.frombuffer(file.pread(l1_size * 8, l1_offset), dtype=">u8")
+        _count_l1(clusters, l1, add_range, result, active=False)
     add_range(start, offset - start, "snapshot table")
 
-
-def _stored_refcounts(image: Qcow2Image, n: int) -> np.ndarray:
-    per = image.refcount_block_entries
-    out = np.zeros(n, dtype=np.int64)
-    for rt_index in range(min(len(image._reftable.view), -(-n // per))):
-        block = image._refblock(rt_index)
-        if block is None:
-            continue
-        values = block.values()
-        lo = rt_index * per
-        hi = min(n, lo + per)
-        out[lo:hi] = values[: hi - lo].astype(np.int64)
-        image.trim_caches()  # a safe point: this block is done with
-    return out

@@ -98,13 +98,6 @@ SUBCLUSTERS_PER_CLUSTER = 32
 L2_BITMAP_ALL_ALLOC = (1 << 32) - 1
 L2_BITMAP_ALL_ZERO = L2_BITMAP_ALL_ALLOC << 32
 
-# Kinds a guest unit (cluster, or subcluster with extended L2) can be in.
-KIND_UNALLOCATED = 0  # read from the backing file
-KIND_DATA = 1  # at host_offset in this file
-KIND_ZERO = 2  # reads as zeros (host_offset may hold a preallocated cluster)
-KIND_COMPRESSED = 3  # compressed descriptor; host_offset is the L2 entry itself
-
-
 def compressed_layout(cluster_bits: int) -> tuple[int, int, int]:
     """(offset mask, size shift, size mask) of a compressed cluster descriptor for this cluster size."""
     csize_shift = 62 - (cluster_bits - 8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO
 from vdisk.formats.qcow2 import format as fmt
 
 _REFCOUNT_DTYPES = {3: ">u1", 4: ">u2", 5: ">u4", 6: ">u8"}
@@ -112,8 +113,8 @@ def l2_units(entries: np.ndarray, extended: bool, cluster_bits: int) -> tuple[np
         zero = (words & np.uint64(fmt.OFLAG_ZERO)) != 0
         kinds = np.where(
             compressed,
-            fmt.KIND_COMPRESSED,
-            np.where(zero, fmt.KIND_ZERO, np.where(host != 0, fmt.KIND_DATA, fmt.KIND_UNALLOCATED)),
+            KIND_COMPRESSED,
+            np.where(zero, KIND_ZERO, np.where(host != 0, KIND_DATA, KIND_UNALLOCATED)),
         ).astype(np.uint8)
         return kinds, np.where(compressed, words, host)
     desc = words[0::2]
@@ -125,8 +126,8 @@ def l2_units(entries: np.ndarray, extended: bool, cluster_bits: int) -> tuple[np
     compressed = ((desc & np.uint64(fmt.OFLAG_COMPRESSED)) != 0)[:, None]
     kinds = np.where(
         compressed,
-        fmt.KIND_COMPRESSED,
-        np.where(alloc, fmt.KIND_DATA, np.where(zero, fmt.KIND_ZERO, fmt.KIND_UNALLOCATED)),
+        KIND_COMPRESSED,
+        np.where(alloc, KIND_DATA, np.where(zero, KIND_ZERO, KIND_UNALLOCATED)),
     ).astype(np.uint8)
     subcluster_size = np.uint64((1 << cluster_bits) // n)
     cluster_host = (desc & np.uint64(fmt.L2E_OFFSET_MASK))[:, None]
@@ -152,7 +153,7 @@ def runs(kinds: np.ndarray, hosts: np.ndarray, unit: int) -> list[tuple[int, int
         same_kind = kinds[1:] == kinds[:-1]
         has_host = hosts != 0
         contiguous = hosts[1:] == hosts[:-1] + np.uint64(unit)
-        compressed = kinds[1:] == fmt.KIND_COMPRESSED
+        compressed = kinds[1:] == KIND_COMPRESSED
         brk[1:] = ~same_kind | ((has_host[1:] | has_host[:-1]) & ~contiguous) | compressed
     starts = np.flatnonzero(brk)
     stops = np.append(starts[1:], n)

@@ -230,6 +230,11 @@ class Chain:
     def size(self) -> int:
         return self.nodes[0].size
 
+    @property
+    def cluster_size(self) -> int:
+        """The active image's: the granularity of allocation, copy-on-write and copying."""
+        return self.nodes[0].cluster_size
+
     def depth_of(self, node: Node) -> int:
         for depth, candidate in enumerate(self.nodes):
             if candidate is node:
@@ -284,7 +289,7 @@ class Chain:
                     if host is not None and kind != KIND_COMPRESSED:
                         host += lo - r_start
                     if kind == KIND_UNALLOCATED:
-                        if todo and todo[-1][1] == lo:
+                        if todo and todo[-1][1] == lo and _continues(todo[-1], lo, host):
                             todo[-1] = (todo[-1][0], hi, todo[-1][2])
                         else:
                             todo.append((lo, hi, host))
@@ -467,6 +472,14 @@ class Chain:
                     or _same_file(name, node.path)):
                 return node
         raise BackingChainError(f"Can't find '{name}' in the backing chain")
+
+
+def _continues(span: tuple[int, int, int | None], lo: int, host: int | None) -> bool:
+    """Whether an unallocated run at ``lo`` (``host``: where its unallocated subclusters sit, if known) extends
+    ``span`` without changing what block status says of it (qemu-img map splits at a change of offset)."""
+    if span[2] is None or host is None:
+        return span[2] is None and host is None
+    return span[2] + lo - span[0] == host
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -76,7 +76,7 @@ class BlockDevice:
 
     @property
     def cluster_size(self) -> int:
-        return self.chain.top.cluster_size
+        return self.chain.cluster_size
 
     def nodes(self) -> list[Node]:
         return list(self.chain.nodes)

@@ -186,10 +186,9 @@ def _read_everywhere(top) -> None:
         buf = bytearray(length)
         top.pread(buf, offset)
         assert len(buf) == length
-    extents = chain.block_status(top, 0, min(size, STATUS_SPAN))
+    extents = top.block_status(0, min(size, STATUS_SPAN))
     assert sum(e.length for e in extents) == min(size, STATUS_SPAN), extents
-    if hasattr(top, "unallocated_clusters"):
-        top.unallocated_clusters(0, min(-(-size // top.cluster_size), 4096))
+    top.top.unallocated_clusters(0, min(-(-size // top.cluster_size), 4096))
 
 
 def qcow2_image(data: bytes, workdir: ImageWorkdir, *, write: bool = False) -> None:

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from vdisk.errors import DeviceNotActive, GenericError
 from vdisk.jobs.job import Event, JobStatus
 
-if TYPE_CHECKING:
-    from vdisk.jobs.stream import StreamJob
-
 EventSink = Callable[[str, dict], None]
+
+
+class BlockJob(Protocol):
+    """What the registry needs of a job (the stream job, and the jobs to come)."""
+
+    id: str
+    status: JobStatus
+    device: Any  # the block device it runs on; block-job-* commands may name a job by its device's name
+
+    def cancel_and_wait(self) -> None: ...
 
 
 class JobRegistry:
@@ -27,7 +34,7 @@ class JobRegistry:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.jobs: dict[str, StreamJob] = {}
+        self.jobs: dict[str, BlockJob] = {}
         self.broadcast: EventSink | None = None  # set while a monitor serves clients
 
     def emit(self, events: list[Event]) -> None:
@@ -40,7 +47,7 @@ class JobRegistry:
             if job.status is JobStatus.NULL:
                 del self.jobs[job_id]
 
-    def add(self, job: StreamJob) -> None:
+    def add(self, job: BlockJob) -> None:
         if job.id in self.jobs:
             raise GenericError(f"Job ID '{job.id}' already in use")
         self.jobs[job.id] = job
@@ -48,17 +55,17 @@ class JobRegistry:
     def __contains__(self, job_id: str) -> bool:
         return job_id in self.jobs
 
-    def __iter__(self) -> Iterator[StreamJob]:
+    def __iter__(self) -> Iterator[BlockJob]:
         return iter(list(self.jobs.values()))
 
-    def find(self, job_id: str) -> StreamJob:
+    def find(self, job_id: str) -> BlockJob:
         """By job id, as job-* commands look jobs up."""
         job = self.jobs.get(job_id)
         if job is None:
             raise GenericError("Job not found")
         return job
 
-    def find_block_job(self, name: str) -> StreamJob:
+    def find_block_job(self, name: str) -> BlockJob:
         """By job id or device name, as block-job-* commands look jobs up."""
         job = self.jobs.get(name)
         if job is not None:

@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 IMAGE_MODULES = ["vdisk.formats.qcow2.format", "vdisk.formats.qcow2.image", "vdisk.formats.qcow2.tables", "vdisk.formats.qcow2.check",
                  "vdisk.block.chain", "vdisk.formats.raw"]
 INSTRUMENT = {
-    "qmp_framing": ["vdisk.qmp.protocol"],
-    "qmp_arguments": ["vdisk.qmp.protocol"],
+    "qmp_framing": ["vdisk.qmp.json_parser", "vdisk.qmp.json_writer", "vdisk.qmp.schema", "vdisk.qmp.connection"],
+    "qmp_arguments": ["vdisk.qmp.json_parser", "vdisk.qmp.json_writer", "vdisk.qmp.schema"],
     "qcow2_header": ["vdisk.formats.qcow2.format"],
     "qcow2_image": IMAGE_MODULES,
     "qcow2_image_rw": IMAGE_MODULES,

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 from fuzz.qmp_wire import RawQmp
 from vdisk.qmp.commands import COMMANDS
-from vdisk.qmp.protocol import EnumType
+from vdisk.qmp.schema import EnumType
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,8 +1,8 @@
 """QMP commands: one function per command, each with its declared argument schema.
 
 Pipeline (nbdkit's validate -> dispatch -> reply): ``dispatch`` looks the command up, validates the arguments
-against its schema (``protocol.validate_arguments``: QEMU's wording), calls it with the server and the
-checked arguments, and maps any exception to a QMP error reply through ``protocol.reply_exception`` (our
+against its schema (``schema.validate_arguments``: QEMU's wording), calls it with the server and the
+checked arguments, and maps any exception to a QMP error reply through ``connection.reply_exception`` (our
 exceptions carry their QMP class).  Error texts follow QEMU 7.2's.
 """
 
@@ -21,8 +21,8 @@ from vdisk.jobs.registry import JobRegistry
 from vdisk.jobs.runner import StreamJob
 from vdisk.jobs.stream import find_base
 from vdisk.formats.qcow2.image import Qcow2Image
-from vdisk.qmp import protocol
-from vdisk.qmp.protocol import EnumType
+from vdisk.qmp import connection
+from vdisk.qmp.schema import EnumType, validate_arguments
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ SNAPSHOT_MODE = EnumType("NewImageMode", ("existing", "absolute-paths"))
 
 def qemu_version() -> dict:
     """The version we announce: QEMU's shape; vdisk's own version in ``package``."""
-    return protocol.make_version(7, 2, 0, f"vdisk-{vdisk.__version__}")
+    return connection.make_version(7, 2, 0, f"vdisk-{vdisk.__version__}")
 
 
 def command(name: str, schema: dict | None = None) -> Callable[[Handler], Handler]:
@@ -46,21 +46,21 @@ def command(name: str, schema: dict | None = None) -> Callable[[Handler], Handle
     return register
 
 
-def dispatch(server, request: protocol.Command, client_id: int = 0) -> bytes:
+def dispatch(server, request: connection.Command, client_id: int = 0) -> bytes:
     """Run one request; returns the whole reply message."""
     entry = COMMANDS.get(request.name)
     try:
         if entry is None:
-            raise protocol.command_not_found(request.name)
+            raise connection.command_not_found(request.name)
         schema, fn = entry
-        arguments = protocol.validate_arguments(schema, request.arguments)
+        arguments = validate_arguments(schema, request.arguments)
         result = fn(server, **{k.replace("-", "_"): v for k, v in arguments.items()})
     except VdiskError as exc:
-        return protocol.reply_exception(exc, request.id)
+        return connection.reply_exception(exc, request.id)
     except Exception as exc:  # a bug: answer, log, keep the monitor alive
         log.exception("QMP command %s failed", request.name)
-        return protocol.reply_error("GenericError", f"internal error: {exc}", request.id)
-    return protocol.reply_return(result, request.id)
+        return connection.reply_error("GenericError", f"internal error: {exc}", request.id)
+    return connection.reply_return(result, request.id)
 
 
 # --- lookups ----------------------------------------------------------------------------------------

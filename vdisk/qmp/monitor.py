@@ -1,6 +1,6 @@
 """The QMP monitor's socket loop: a unix socket, one thread per client, events broadcast to all.
 
-Only I/O lives here; framing and negotiation are ``vdisk.qmp.protocol``'s, the commands
+Only I/O lives here; framing and negotiation are ``vdisk.qmp.connection``'s, the commands
 ``vdisk.qmp.commands``'.  Each client has a reader thread (requests in, replies queued) and a writer thread
 that sends its queue: whole messages, one at a time, so they never interleave, and nobody else ever waits on
 this client's socket (a broadcast may run under the job lock).  A client that vanishes, leaves more than
@@ -16,8 +16,9 @@ import socket
 import threading
 import time
 
-from vdisk.qmp import protocol
+from vdisk.qmp import connection
 from vdisk.qmp.commands import dispatch, qemu_version
+from vdisk.qmp.json_parser import DEFAULT_MAX_MESSAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,13 @@ MAX_CLIENTS = 64
 SEND_TIMEOUT = 5.0
 # Replies and events a client may leave unread before it is dropped (one message is always accepted: the reply
 # to a request of the maximum size, whose id it echoes, is that large).
-MAX_PENDING_BYTES = 2 * protocol.DEFAULT_MAX_MESSAGE_SIZE
+MAX_PENDING_BYTES = 2 * DEFAULT_MAX_MESSAGE_SIZE
 
 
 class _Client:
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.core = protocol.QMPConnectionCore()
+        self.core = connection.QMPConnectionCore()
         self.alive = True
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued_bytes = 0
@@ -144,7 +145,7 @@ class MonitorServer:
 
     def broadcast(self, name: str, data: dict | None) -> None:
         """Send an event to every negotiated client."""
-        message = protocol.event(name, data, time.time())
+        message = connection.event(name, data, time.time())
         with self._lock:
             clients = [c for c in self._clients if c.alive and c.core.events_enabled]
         for client in clients:
@@ -169,13 +170,13 @@ class MonitorServer:
         sock.settimeout(None)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_TIMEOUT))
-            client.send(protocol.greeting(qemu_version(), client.core.capabilities_offered))
+            client.send(connection.greeting(qemu_version(), client.core.capabilities_offered))
             while client.alive:
                 data = sock.recv(65536)
                 if not data:
                     break
                 for item in client.core.receive_data(data):
-                    if isinstance(item, protocol.Command):
+                    if isinstance(item, connection.Command):
                         reply = dispatch(self.server, item, client_id=id(client))
                         client.send(reply)
                     else:

@@ -147,15 +147,16 @@ HMP_WORDS = ["info", "block", "block-jobs", "version", "help", "?", "block_job_c
 
 @pytest.fixture(scope="module")
 def read_only_server(tmp_path_factory):
-    from vdisk.serving.process import Server
+    from vdisk.serving.process import ServingProcess
 
     directory = tmp_path_factory.mktemp("dispatch")
     base, top = directory / "base.qcow2", directory / "top.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
-    server = Server()
+    server = ServingProcess()
     for key, value in (("image", str(top)), ("readonly", "true")):
         server.config(key, value)
+    server.config_complete()
     server.open()
     before = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
     yield server
@@ -173,7 +174,7 @@ def test_dispatch_never_answers_with_an_internal_error(read_only_server, name, d
     if name == "human-monitor-command" and data.draw(st.booleans()):
         words = data.draw(st.lists(st.sampled_from(HMP_WORDS), max_size=5))
         arguments = {"command-line": " ".join(words)}
-    reply = dispatch(read_only_server, connection.Command(name, arguments, 1))
+    reply = dispatch(read_only_server.context, connection.Command(name, arguments, 1))
     assert b"internal error" not in reply, reply
     assert reply.endswith(b"\r\n") and reply.isascii()
 

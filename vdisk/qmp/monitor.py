@@ -1,9 +1,10 @@
 """The QMP monitor's socket loop: a unix socket, one thread per client, events broadcast to all.
 
 Only I/O lives here; framing and negotiation are ``vdisk.qmp.connection``'s, the commands
-``vdisk.qmp.commands``'.  Each client has a reader thread (requests in, replies queued) and a writer thread
-that sends its queue: whole messages, one at a time, so they never interleave, and nobody else ever waits on
-this client's socket (a broadcast may run under the job lock).  A client that vanishes, leaves more than
+``vdisk.qmp.commands``', run with the serving process's :class:`~vdisk.qmp.context.CommandContext`.  Each
+client has a reader thread (requests in, replies queued) and a writer thread that sends its queue: whole
+messages, one at a time, so they never interleave, and nobody else ever waits on this client's socket (a
+broadcast may run under the job lock).  A client that vanishes, leaves more than
 MAX_PENDING_BYTES unread, or blocks one send for SEND_TIMEOUT is dropped without affecting the others.
 """
 
@@ -13,11 +14,13 @@ import collections
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 
 from vdisk.qmp import connection
 from vdisk.qmp.commands import dispatch, qemu_version
+from vdisk.qmp.context import CommandContext
 from vdisk.qmp.json_parser import DEFAULT_MAX_MESSAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -99,9 +102,11 @@ class _Client:
 
 
 class MonitorServer:
-    def __init__(self, path: str, server, *, mode: int = 0o600):
+    """The listening socket at ``path`` and its clients; commands run with ``context``."""
+
+    def __init__(self, path: str, context: CommandContext, *, mode: int = 0o600):
         self.path = path
-        self.server = server
+        self.context = context
         self.mode = mode
         self._clients: list[_Client] = []
         self._lock = threading.Lock()
@@ -177,8 +182,7 @@ class MonitorServer:
                     break
                 for item in client.core.receive_data(data):
                     if isinstance(item, connection.Command):
-                        reply = dispatch(self.server, item, client_id=id(client))
-                        client.send(reply)
+                        client.send(dispatch(self.context, item))
                     else:
                         client.send(item.reply)
         except OSError:
@@ -191,6 +195,4 @@ class MonitorServer:
 
 
 def _timeval(seconds: float) -> bytes:
-    import struct
-
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))

@@ -33,8 +33,8 @@ IMAGE_MODULES = ["vdisk.formats.qcow2.format", "vdisk.formats.qcow2.image", "vdi
                  "vdisk.formats.qcow2.file", "vdisk.formats.qcow2.refcount", "vdisk.formats.qcow2.cluster",
                  "vdisk.formats.qcow2.compressed", "vdisk.block.chain", "vdisk.formats.raw"]
 INSTRUMENT = {
-    "qmp_framing": ["vdisk.qmp.protocol"],
-    "qmp_arguments": ["vdisk.qmp.protocol"],
+    "qmp_framing": ["vdisk.qmp.json_parser", "vdisk.qmp.json_writer", "vdisk.qmp.schema", "vdisk.qmp.connection"],
+    "qmp_arguments": ["vdisk.qmp.json_parser", "vdisk.qmp.json_writer", "vdisk.qmp.schema"],
     "qcow2_header": ["vdisk.formats.qcow2.format"],
     "qcow2_image": IMAGE_MODULES,
     "qcow2_image_rw": IMAGE_MODULES,

@@ -21,9 +21,10 @@ from pathlib import Path
 from vdisk.block import chain
 from vdisk.errors import VdiskError
 from vdisk.formats.qcow2 import format as fmt
-from vdisk.qmp import protocol
+from vdisk.qmp import connection, json_parser
 from vdisk.qmp.commands import COMMANDS
-from vdisk.qmp.protocol import Command, Negotiated, QMPConnectionCore, Rejected, validate_arguments
+from vdisk.qmp.connection import Command, Negotiated, QMPConnectionCore, Rejected
+from vdisk.qmp.schema import validate_arguments
 
 SCHEMAS = sorted(COMMANDS.items())
 
@@ -57,12 +58,12 @@ def _replies(core: QMPConnectionCore, chunks: list[bytes]) -> list[bytes]:
 def _validate_reply(command: Command) -> bytes:
     entry = COMMANDS.get(command.name)
     if entry is None:
-        return protocol.reply_exception(protocol.command_not_found(command.name), command.id)
+        return connection.reply_exception(connection.command_not_found(command.name), command.id)
     try:
         checked = validate_arguments(entry[0], command.arguments)
     except VdiskError as exc:
-        return protocol.reply_exception(exc, command.id)
-    return protocol.reply_return(checked, command.id)
+        return connection.reply_exception(exc, command.id)
+    return connection.reply_return(checked, command.id)
 
 
 def _cuts(data: bytes) -> list[int]:
@@ -90,8 +91,8 @@ def qmp_framing(data: bytes) -> None:
 def qmp_arguments(data: bytes) -> None:
     """Parse ``data`` as JSON with our parser; validate every object it holds against every command schema.
     Only InvalidArgument may refuse it; an accepted result has only declared members and encodes as a reply."""
-    parser = protocol.JSONStreamParser(**QMP_LIMITS)
-    values = [item.value for item in parser.feed(data + b"\x01") if isinstance(item, protocol.JSONValue)]
+    parser = json_parser.JSONStreamParser(**QMP_LIMITS)
+    values = [item.value for item in parser.feed(data + b"\x01") if isinstance(item, json_parser.JSONValue)]
     for value in values:
         if not isinstance(value, dict):
             continue
@@ -103,7 +104,7 @@ def qmp_arguments(data: bytes) -> None:
                 continue
             declared = {member.lstrip("*") for member in schema}
             assert set(checked) <= declared, (name, checked)
-            assert protocol.reply_return(checked, 1).endswith(b"\r\n")
+            assert connection.reply_return(checked, 1).endswith(b"\r\n")
 
 
 # --- qcow2 header ------------------------------------------------------------------------------------------------

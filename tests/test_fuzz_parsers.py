@@ -29,8 +29,9 @@ from vdisk.block import chain
 from vdisk import errors
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.image import Qcow2Image
-from vdisk.qmp import protocol
+from vdisk.qmp import connection, json_writer
 from vdisk.qmp.commands import COMMANDS
+from vdisk.qmp.schema import validate_arguments
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,7 +78,7 @@ def qmp_stream(draw) -> bytes:
             request["arguments"] = draw(arguments_for(schema))
         if draw(st.booleans()):
             request["id"] = draw(JSON_VALUES)
-        text = protocol.encode_json(request) if draw(st.booleans()) else json.dumps(request)
+        text = json_writer.encode_json(request) if draw(st.booleans()) else json.dumps(request)
         parts.append(text.encode("utf-8", "surrogatepass"))
     data = bytearray(draw(st.sampled_from([b"", b"\r\n", b"\n", b" ", b"\x01"])).join(parts))
     for _ in range(draw(st.integers(0, 4))):
@@ -116,13 +117,13 @@ def test_validate_arguments_refuses_only_with_invalid_argument(name, data):
     schema = COMMANDS[name][0]
     arguments = data.draw(arguments_for(schema))
     try:
-        checked = protocol.validate_arguments(schema, arguments)
+        checked = validate_arguments(schema, arguments)
     except errors.InvalidArgument as exc:
         assert str(exc).startswith(("Parameter '", "Invalid parameter type for '")), str(exc)
         return
     required = {m for m in schema if not m.startswith("*")}
     assert required <= set(checked) <= {m.lstrip("*") for m in schema}
-    protocol.reply_return(checked, 1)
+    connection.reply_return(checked, 1)
 
 
 @pytest.mark.parametrize("path", sorted((CORPUS / "qmp_arguments").glob("*")), ids=lambda p: p.name)
@@ -142,15 +143,16 @@ HMP_WORDS = ["info", "block", "block-jobs", "version", "help", "?", "block_job_c
 
 @pytest.fixture(scope="module")
 def read_only_server(tmp_path_factory):
-    from vdisk.serving.process import Server
+    from vdisk.serving.process import ServingProcess
 
     directory = tmp_path_factory.mktemp("dispatch")
     base, top = directory / "base.qcow2", directory / "top.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "1M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
-    server = Server()
+    server = ServingProcess()
     for key, value in (("image", str(top)), ("readonly", "true")):
         server.config(key, value)
+    server.config_complete()
     server.open()
     before = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
     yield server
@@ -168,7 +170,7 @@ def test_dispatch_never_answers_with_an_internal_error(read_only_server, name, d
     if name == "human-monitor-command" and data.draw(st.booleans()):
         words = data.draw(st.lists(st.sampled_from(HMP_WORDS), max_size=5))
         arguments = {"command-line": " ".join(words)}
-    reply = dispatch(read_only_server, protocol.Command(name, arguments, 1))
+    reply = dispatch(read_only_server.context, connection.Command(name, arguments, 1))
     assert b"internal error" not in reply, reply
     assert reply.endswith(b"\r\n") and reply.isascii()
 

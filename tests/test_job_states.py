@@ -32,7 +32,7 @@ from vdisk.jobs.job import (
     transition,
     validate_job_id,
 )
-from vdisk.qmp import protocol
+from vdisk.qmp import connection
 
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -140,7 +140,7 @@ def wire(events: list[Event]) -> list[str]:
     """The events as QEMU writes them, less the timestamp."""
     out = []
     for ev in events:
-        message = protocol.event(ev.name, ev.data, 0.0)
+        message = connection.event(ev.name, ev.data, 0.0)
         assert message.startswith(TIMESTAMP_PREFIX)
         out.append(message[len(TIMESTAMP_PREFIX):-2].decode())
     return out

@@ -24,7 +24,7 @@ from fuzz.qmp_wire import RawQmp
 from tests.support.commands import run
 from tests.support.images import assert_clean
 from tests.support.serving import Served, nbdkit_pid, serve
-from vdisk.qmp import protocol
+from vdisk.qmp import json_parser
 from vdisk.qmp.monitor import MAX_CLIENTS
 from vdisk.serving.launcher import ServeOptions, nbdkit_command
 
@@ -227,7 +227,7 @@ def test_qmp_clients_beyond_the_limit_are_closed_without_a_greeting_until_one_le
 
 
 def test_qmp_message_over_the_size_limit_is_refused_once_and_the_connection_goes_on(chain4):
-    limit = protocol.DEFAULT_MAX_MESSAGE_SIZE
+    limit = json_parser.DEFAULT_MAX_MESSAGE_SIZE
     with logged(chain4["D"], qmp=True) as (served, _lines), RawQmp(served.qmp) as qmp:
         pid = nbdkit_pid(served)
         exact = b'{"execute": "query-version", "id": "%s"}'

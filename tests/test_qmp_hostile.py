@@ -23,7 +23,7 @@ from fuzz.qmp_wire import RawQmp
 from tests.support.images import assert_clean, qemu_img_compare, qemu_raw
 from tests.support.serving import Served, serve
 from vdisk.qmp.commands import COMMANDS
-from vdisk.qmp.protocol import EnumType
+from vdisk.qmp.schema import EnumType
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,5 @@
-"""vdisk.qmp.protocol: framing, negotiation, request checks, argument schemas and serializers.
+"""The QMP wire core (vdisk.qmp json_parser, json_writer, schema, connection): framing, negotiation, request checks,
+argument schemas and serializers.
 
 The expected texts come from QEMU; where qemu-storage-daemon is installed, ``test_replies_match_qemu``
 replays every case against it and compares the reply bytes with ours, byte for byte.
@@ -22,21 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vdisk.errors import CommandNotFound, GenericError, InvalidArgument, ProtocolError, StateError
-from vdisk.qmp import protocol
-from vdisk.qmp.protocol import (
-    NO_ID,
-    Command,
-    EnumType,
-    InputKind,
-    JSONStreamParser,
-    JSONValue,
-    Negotiated,
-    QMPConnectionCore,
-    QMPState,
-    Rejected,
-    encode_json,
-    validate_arguments,
-)
+from vdisk.qmp import connection, json_parser
+from vdisk.qmp.connection import NO_ID, Command, InputKind, Negotiated, QMPConnectionCore, QMPState, Rejected
+from vdisk.qmp.json_parser import JSONStreamParser, JSONValue
+from vdisk.qmp.json_writer import encode_json
+from vdisk.qmp.schema import EnumType, validate_arguments
 
 HYPOTHESIS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NEGOTIATE = b'{"execute": "qmp_capabilities"}'
@@ -50,7 +41,7 @@ SENTINEL_REPLY = (b'{"id": "__end__", "error": {"class": "GenericError", '
 
 def dispatch_stub(command: Command) -> bytes:
     """What QEMU answers for a command it does not have."""
-    return protocol.reply_exception(protocol.command_not_found(command.name), command.id)
+    return connection.reply_exception(connection.command_not_found(command.name), command.id)
 
 
 def replies(core: QMPConnectionCore, chunks) -> bytes:
@@ -344,7 +335,7 @@ def test_default_nesting_of_1024_parses_and_echoes_without_recursion():
     core = command_mode_core()
     depth = 1023  # plus the enclosing object = QEMU's limit of 1024
     [command] = core.receive_data(b'{"execute": "x", "id": ' + b"[" * depth + b"]" * depth + b"}")
-    reply = protocol.reply_return({}, command.id)
+    reply = connection.reply_return({}, command.id)
     assert reply == b'{"return": {}, "id": ' + b"[" * depth + b"]" * depth + b"}\r\n"
 
 
@@ -375,7 +366,7 @@ EXPECTED_NEGOTIATION = {
 @pytest.mark.parametrize("state", list(QMPState))
 @pytest.mark.parametrize("kind", list(InputKind))
 def test_every_negotiation_pair(state, kind):
-    next_state, action = protocol.negotiation_step(state, kind)
+    next_state, action = connection.negotiation_step(state, kind)
     assert (next_state, action.value) == EXPECTED_NEGOTIATION[(state, kind)]
 
 
@@ -383,7 +374,7 @@ def test_every_negotiation_pair(state, kind):
                                   (QMPState.COMMAND_MODE, "qmp_capabilities"), (None, None)])
 def test_unknown_negotiation_pair_raises(pair):
     with pytest.raises(StateError):
-        protocol.negotiation_step(*pair)
+        connection.negotiation_step(*pair)
 
 
 @pytest.mark.parametrize("state", list(QMPState))
@@ -445,8 +436,8 @@ def test_id_is_echoed_in_success_and_error_replies(request_id):
     core = command_mode_core()
     [command] = core.receive_data(json.dumps({"execute": "x", "id": request_id}).encode())
     assert command.id == request_id
-    assert json.loads(protocol.reply_return(42, command.id)) == {"return": 42, "id": request_id}
-    assert json.loads(protocol.reply_exception(GenericError("no"), command.id)) == {
+    assert json.loads(connection.reply_return(42, command.id)) == {"return": 42, "id": request_id}
+    assert json.loads(connection.reply_exception(GenericError("no"), command.id)) == {
         "id": request_id, "error": {"class": "GenericError", "desc": "no"}}
     [rejected] = core.receive_data(json.dumps({"execute": "x", "id": request_id, "bogus": 1}).encode())
     assert json.loads(rejected.reply)["id"] == request_id
@@ -456,7 +447,7 @@ def test_missing_id_is_not_echoed_and_parse_errors_never_carry_one():
     core = command_mode_core()
     [command] = core.receive_data(b'{"execute": "x"}')
     assert command.id is NO_ID and not command.id
-    assert protocol.reply_return(None, command.id) == b'{"return": {}}\r\n'
+    assert connection.reply_return(None, command.id) == b'{"return": {}}\r\n'
     [rejected] = core.receive_data(b'{"execute": "x", "id": 1, }')
     assert rejected.id is NO_ID and b'"id"' not in rejected.reply
 
@@ -465,7 +456,7 @@ def test_missing_id_is_not_echoed_and_parse_errors_never_carry_one():
 
 
 # QEMU refuses Unicode's 66 noncharacters in input (util/unicode.c), so they cannot round-trip
-qmp_text = st.text().filter(lambda s: not protocol._NONCHARACTER.search(s))
+qmp_text = st.text().filter(lambda s: not json_parser.NONCHARACTER.search(s))
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
     | st.floats(allow_nan=False, allow_infinity=False) | qmp_text,
@@ -508,46 +499,46 @@ def test_parser_agrees_with_json_module_on_valid_json(value):
 
 
 def test_serializers_end_in_crlf_and_round_trip():
-    version = protocol.make_version(7, 2, 22, "vdisk")
-    assert protocol.greeting(version, ["oob"]) == (
+    version = connection.make_version(7, 2, 22, "vdisk")
+    assert connection.greeting(version, ["oob"]) == (
         b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "vdisk"}, '
         b'"capabilities": ["oob"]}}\r\n'
     )
-    assert protocol.reply_return([1, "x"], "id-1") == b'{"return": [1, "x"], "id": "id-1"}\r\n'
-    assert protocol.reply_return() == b'{"return": {}}\r\n'
-    assert protocol.reply_error("DeviceNotFound", "Device 'x' not found") == (
+    assert connection.reply_return([1, "x"], "id-1") == b'{"return": [1, "x"], "id": "id-1"}\r\n'
+    assert connection.reply_return() == b'{"return": {}}\r\n'
+    assert connection.reply_error("DeviceNotFound", "Device 'x' not found") == (
         b'{"error": {"class": "DeviceNotFound", "desc": "Device \'x\' not found"}}\r\n')
-    assert protocol.reply_error("GenericError", "e", None) == (
+    assert connection.reply_error("GenericError", "e", None) == (
         b'{"id": null, "error": {"class": "GenericError", "desc": "e"}}\r\n')
-    for message in (protocol.greeting(version, []), protocol.reply_return({"a": [1]}, 3),
-                    protocol.reply_error("GenericError", "x\u00e9", {"k": 1})):
+    for message in (connection.greeting(version, []), connection.reply_return({"a": [1]}, 3),
+                    connection.reply_error("GenericError", "x\u00e9", {"k": 1})):
         assert message.endswith(b"\r\n") and message.count(b"\n") == 1
         assert parse_one(message[:-2]) == json.loads(message)
 
 
 def test_event_timestamp_comes_from_the_argument():
-    message = protocol.event("JOB_STATUS_CHANGE", {"status": "running", "id": "job0"}, 1796006781.824959)
+    message = connection.event("JOB_STATUS_CHANGE", {"status": "running", "id": "job0"}, 1796006781.824959)
     assert message == (
         b'{"timestamp": {"seconds": 1796006781, "microseconds": 824959}, "event": "JOB_STATUS_CHANGE", '
         b'"data": {"status": "running", "id": "job0"}}\r\n'
     )
-    assert protocol.event("STOP", None, 0.0) == (
+    assert connection.event("STOP", None, 0.0) == (
         b'{"timestamp": {"seconds": 0, "microseconds": 0}, "event": "STOP"}\r\n')
-    assert json.loads(protocol.event("X", {}, 12.9999999))["timestamp"] == {"seconds": 13, "microseconds": 0}
+    assert json.loads(connection.event("X", {}, 12.9999999))["timestamp"] == {"seconds": 13, "microseconds": 0}
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError):
-            protocol.event("X", None, bad)
+            connection.event("X", None, bad)
 
 
 def test_reply_exception_maps_our_error_classes():
     from vdisk.errors import DeviceNotFound, StorageError
 
-    assert json.loads(protocol.reply_exception(DeviceNotFound("Device 'd' not found"), 1))["error"] == {
+    assert json.loads(connection.reply_exception(DeviceNotFound("Device 'd' not found"), 1))["error"] == {
         "class": "DeviceNotFound", "desc": "Device 'd' not found"}
-    assert protocol.error_class_and_desc(StateError("bad state")) == ("GenericError", "bad state")
-    assert protocol.error_class_and_desc(StorageError("read failed", path="/x")) == ("GenericError", "/x: read failed")
-    assert protocol.error_class_and_desc(RuntimeError("boom")) == ("GenericError", "boom")
-    assert str(protocol.command_not_found("a\x00b")) == "The command a has not been found"
+    assert connection.error_class_and_desc(StateError("bad state")) == ("GenericError", "bad state")
+    assert connection.error_class_and_desc(StorageError("read failed", path="/x")) == ("GenericError", "/x: read failed")
+    assert connection.error_class_and_desc(RuntimeError("boom")) == ("GenericError", "boom")
+    assert str(connection.command_not_found("a\x00b")) == "The command a has not been found"
 
 
 def test_encoder_refuses_what_json_cannot_say():
@@ -629,15 +620,15 @@ def test_qemu_qmp_client_negotiates_executes_and_receives_events():
     async def session(path: str) -> None:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             core = QMPConnectionCore()
-            writer.write(protocol.greeting(protocol.make_version(8, 0, 0, "vdisk-test"), core.capabilities_offered))
+            writer.write(connection.greeting(connection.make_version(8, 0, 0, "vdisk-test"), core.capabilities_offered))
             while data := await reader.read(4096):
                 for item in core.receive_data(data):
                     if not isinstance(item, Command):
                         writer.write(item.reply)
                     elif item.name == "echo":
-                        writer.write(protocol.reply_return(item.arguments, item.id))
+                        writer.write(connection.reply_return(item.arguments, item.id))
                         if core.events_enabled:
-                            writer.write(protocol.event("ECHOED", {"n": len(item.arguments)}, 1.5))
+                            writer.write(connection.event("ECHOED", {"n": len(item.arguments)}, 1.5))
                     else:
                         writer.write(dispatch_stub(item))
                 await writer.drain()

@@ -489,27 +489,29 @@ def test_two_streams_on_two_devices_of_one_server_in_process(tmp_path):
     from vdisk.block import chain
     from vdisk.block.device import BlockDevice
     from vdisk.qmp import commands
-    from vdisk.serving.process import Server
+    from vdisk.qmp.context import CommandContext
 
-    server = Server()
+    context = CommandContext()
     for name in ("vda", "vdb"):
         d = tmp_path / name
         d.mkdir()
         run("qemu-img", "create", "-q", "-f", "qcow2", d / "base.qcow2", "4M")
         run("qemu-io", "-c", "write -P 0x33 0 4M", d / "base.qcow2")
         run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "top.qcow2")
-        server.devices[name] = BlockDevice(name, chain.open_chain(str(d / "top.qcow2")))
+        context.devices[name] = BlockDevice(name, chain.open_chain(str(d / "top.qcow2")))
     try:
-        commands.block_stream(server, device="vda", speed=4 * MiB)
-        commands.block_stream(server, device="vdb", speed=4 * MiB)
-        assert sorted(j["device"] for j in commands.query_block_jobs(server)) == ["vda", "vdb"]
-        threads = [job.thread for job in server.jobs]
+        commands.block_stream(context, device="vda", speed=4 * MiB)
+        commands.block_stream(context, device="vdb", speed=4 * MiB)
+        assert sorted(j["device"] for j in commands.query_block_jobs(context)) == ["vda", "vdb"]
+        threads = [job.thread for job in context.jobs]
         for thread in threads:
             thread.join(30)
-        assert commands.query_block_jobs(server) == []
-        assert all(len(dev.nodes()) == 1 for dev in server.devices.values())
+        assert commands.query_block_jobs(context) == []
+        assert all(len(dev.nodes()) == 1 for dev in context.devices.values())
     finally:
-        server.shutdown()
+        context.jobs.cancel_all()
+        for dev in context.devices.values():
+            dev.close()
     for name in ("vda", "vdb"):
         assert backing_names(tmp_path / name / "top.qcow2") == [None]
         assert_clean(tmp_path / name / "top.qcow2")

@@ -128,6 +128,15 @@ class StateError(VdiskError):
         super().__init__(message)
 
 
+class ServingError(VdiskError):
+    """A step of the serving process's life (open the chain, start the monitor...) failed for a reason that is
+    not one of ours; ``step`` names the step and the original error is the ``__cause__``."""
+
+    def __init__(self, message: str, *, step: str):
+        self.step = step
+        super().__init__(message)
+
+
 class QMPError(VdiskError):
     """An error a QMP command returns; the subclass fixes the class QEMU would use."""
 

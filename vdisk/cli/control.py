@@ -1,16 +1,23 @@
-"""The serving and control commands of ``vdisk`` (serve, stream, jobs, monitor, demo)."""
+"""The serving and control commands of ``vdisk`` (serve, stream, jobs, monitor, demo).
+
+``serve`` runs nbdkit with our plugin (``vdisk.serving.launcher``); every other command talks to a running
+server only through its QMP socket (``vdisk.qmp.client``), never to the server's objects.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+
+from vdisk.formats.qcow2.cache import CacheOptions
+from vdisk.harness.demo import run_demo
+from vdisk.qmp.client import Monitor, wait_for_job
+from vdisk.serving.launcher import ServeOptions, serve
+from vdisk.units import parse_size
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vdisk.formats.qcow2.cache import CacheOptions
-    from vdisk.serving.launcher import ServeOptions, serve
-    from vdisk.units import parse_size
-
     if args.socket and args.bind:
         raise SystemExit("vdisk serve: give --socket or --bind, not both")
     cache = CacheOptions(
@@ -30,9 +37,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from vdisk.units import parse_size
-    from vdisk.qmp.client import Monitor, wait_for_job
-
     with Monitor(args.qmp) as monitor:
         job_id = args.job_id or args.device
         monitor.execute("block-stream", device=args.device, job_id=args.job_id, base=args.base,
@@ -52,8 +56,6 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from vdisk.qmp.client import Monitor
-
     with Monitor(args.qmp) as monitor:
         print(monitor.hmp("info block-jobs"), end="")
     return 0
@@ -61,7 +63,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """An HMP shell over QMP's human-monitor-command, like QEMU's (qemu) prompt."""
-    from vdisk.qmp.client import Monitor
 
     with Monitor(args.qmp) as monitor:
         lines = args.command or None
@@ -85,13 +86,12 @@ def _input_lines(prompt: bool):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vdisk.harness.demo import run_demo
-
     return run_demo(args.workdir, size_mib=args.size, keep=args.keep)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve the active image of a chain over NBD (through nbdkit)")
+def add_commands(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    """The serve, stream, jobs, monitor and demo subcommands."""
+    p = add_parser("serve", help="serve the active image of a chain over NBD (through nbdkit)")
     p.add_argument("image")
     p.add_argument("-f", "--format", choices=["qcow2", "raw"])
     p.add_argument("--socket", help="unix socket path")
@@ -125,7 +125,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="drop cached metadata tables unused for this long (default 600; 0 = never)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("stream", help="start a live block stream (QMP block-stream)")
+    p = add_parser("stream", help="start a live block stream (QMP block-stream)")
     p.add_argument("--qmp", required=True, help="the server's QMP socket")
     p.add_argument("device")
     p.add_argument("--base", help="backing file to keep (the new backing file of the device)")
@@ -136,16 +136,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("jobs", help="list block jobs (HMP info block-jobs)")
+    p = add_parser("jobs", help="list block jobs (HMP info block-jobs)")
     p.add_argument("--qmp", required=True)
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("monitor", help="HMP shell: block_stream, info block-jobs, snapshot_blkdev ...")
+    p = add_parser("monitor", help="HMP shell: block_stream, info block-jobs, snapshot_blkdev ...")
     p.add_argument("--qmp", required=True)
     p.add_argument("-c", "--command", action="append", help="run this HMP line (repeatable) and exit")
     p.set_defaults(func=cmd_monitor)
 
-    p = sub.add_parser("demo", help="the whole story on a demo chain: build, serve, boot a guest, stream, check")
+    p = add_parser("demo", help="the whole story on a demo chain: build, serve, boot a guest, stream, check")
     p.add_argument("--workdir", help="where to build the chain (default: a new temporary directory)")
     p.add_argument("--size", type=int, default=256, help="disk size in MiB")
     p.add_argument("--keep", action="store_true", help="keep the work directory")

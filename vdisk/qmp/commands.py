@@ -1,9 +1,14 @@
-"""QMP commands: one function per command, each with its declared argument schema.
+"""QMP commands: one function per command, each with its declared argument schema, and their dispatch.
 
-Pipeline (nbdkit's validate -> dispatch -> reply): ``dispatch`` looks the command up, validates the arguments
-against its schema (``protocol.validate_arguments``: QEMU's wording), calls it with the server and the
-checked arguments, and maps any exception to a QMP error reply through ``protocol.reply_exception`` (our
-exceptions carry their QMP class).  Error texts follow QEMU 7.2's.
+Pipeline (nbdkit's validate -> dispatch -> reply): :func:`dispatch` looks the command up, validates the
+arguments against its schema (``vdisk.qmp.schema``: QEMU's wording), calls it with the
+:class:`~vdisk.qmp.context.CommandContext` and the checked arguments, and maps any exception to a QMP error
+reply through ``connection.reply_exception`` (our exceptions carry their QMP class).  Error texts follow QEMU
+7.2's.
+
+``human-monitor-command`` runs the HMP words of ``vdisk.qmp.hmp``, which in turn run commands of this table:
+hmp knows them only by name, through the :data:`~vdisk.qmp.hmp.RunCommand` it is handed, so the import goes
+one way (commands -> hmp).
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from vdisk.errors import DeviceInUse, GenericError, InvalidArgument, VdiskError
 from vdisk.jobs.job import ON_ERROR_VALUES, JobStatus, validate_job_id
 from vdisk.jobs.registry import JobRegistry
 from vdisk.jobs.stream import StreamJob
-from vdisk.qmp import protocol
-from vdisk.qmp.protocol import EnumType
+from vdisk.qmp import connection, hmp
+from vdisk.qmp.context import CommandContext
+from vdisk.qmp.schema import EnumType, Schema, validate_arguments
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Any]
-COMMANDS: dict[str, tuple[dict, Handler]] = {}
+COMMANDS: dict[str, tuple[Schema, Handler]] = {}
 
 ON_ERROR = EnumType("BlockdevOnError", tuple(v for v in ON_ERROR_VALUES if v != "auto"))
 SNAPSHOT_MODE = EnumType("NewImageMode", ("existing", "absolute-paths"))
@@ -33,10 +39,10 @@ SNAPSHOT_MODE = EnumType("NewImageMode", ("existing", "absolute-paths"))
 
 def qemu_version() -> dict:
     """The version we announce: QEMU's shape; vdisk's own version in ``package``."""
-    return protocol.make_version(7, 2, 0, f"vdisk-{vdisk.__version__}")
+    return connection.make_version(7, 2, 0, f"vdisk-{vdisk.__version__}")
 
 
-def command(name: str, schema: dict | None = None) -> Callable[[Handler], Handler]:
+def command(name: str, schema: Schema | None = None) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         COMMANDS[name] = (schema or {}, fn)
         return fn
@@ -44,21 +50,21 @@ def command(name: str, schema: dict | None = None) -> Callable[[Handler], Handle
     return register
 
 
-def dispatch(server, request: protocol.Command, client_id: int = 0) -> bytes:
+def dispatch(context: CommandContext, request: connection.Command) -> bytes:
     """Run one request; returns the whole reply message."""
     entry = COMMANDS.get(request.name)
     try:
         if entry is None:
-            raise protocol.command_not_found(request.name)
+            raise connection.command_not_found(request.name)
         schema, fn = entry
-        arguments = protocol.validate_arguments(schema, request.arguments)
-        result = fn(server, **{k.replace("-", "_"): v for k, v in arguments.items()})
+        arguments = validate_arguments(schema, request.arguments)
+        result = fn(context, **{k.replace("-", "_"): v for k, v in arguments.items()})
     except VdiskError as exc:
-        return protocol.reply_exception(exc, request.id)
+        return connection.reply_exception(exc, request.id)
     except Exception as exc:  # a bug: answer, log, keep the monitor alive
         log.exception("QMP command %s failed", request.name)
-        return protocol.reply_error("GenericError", f"internal error: {exc}", request.id)
-    return protocol.reply_return(result, request.id)
+        return connection.reply_error("GenericError", f"internal error: {exc}", request.id)
+    return connection.reply_return(result, request.id)
 
 
 # --- lookups ----------------------------------------------------------------------------------------
@@ -74,12 +80,12 @@ def node_name(node) -> str:
     return name
 
 
-def find_device_or_node(server, device: str):
+def find_device_or_node(context: CommandContext, device: str):
     """(device, node) for a device name or a node name (node names also match the image path or file name)."""
-    if device in server.devices:
-        dev = server.devices[device]
+    if device in context.devices:
+        dev = context.devices[device]
         return dev, dev.top
-    for dev in server.devices.values():
+    for dev in context.devices.values():
         for node in dev.nodes():
             if device in (node_name(node), node.path, os.path.basename(node.path)):
                 return dev, node
@@ -94,12 +100,12 @@ def _busy(device) -> DeviceInUse:
 
 
 @command("query-version")
-def query_version(server) -> dict:
+def query_version(context: CommandContext) -> dict:
     return qemu_version()
 
 
 @command("query-commands")
-def query_commands(server) -> list:
+def query_commands(context: CommandContext) -> list:
     return [{"name": name} for name in sorted({"qmp_capabilities", *COMMANDS})]
 
 
@@ -147,9 +153,9 @@ def node_info(nodes: list, depth: int, read_only: bool) -> dict:
 
 
 @command("query-block")
-def query_block(server) -> list:
+def query_block(context: CommandContext) -> list:
     out = []
-    for dev in server.devices.values():
+    for dev in context.devices.values():
         out.append({
             "device": dev.name,
             "qdev": dev.name,
@@ -163,9 +169,9 @@ def query_block(server) -> list:
 
 
 @command("query-named-block-nodes", {"*flat": "bool"})
-def query_named_block_nodes(server, flat: bool = False) -> list:
+def query_named_block_nodes(context: CommandContext, flat: bool = False) -> list:
     out = []
-    for dev in server.devices.values():
+    for dev in context.devices.values():
         nodes = dev.nodes()
         for depth in range(len(nodes)):
             info = node_info(nodes, depth, dev.read_only and depth == 0)
@@ -176,15 +182,15 @@ def query_named_block_nodes(server, flat: bool = False) -> list:
 
 
 @command("query-block-jobs")
-def query_block_jobs(server) -> list:
-    with server.jobs.lock:
-        return [job.info() for job in server.jobs if job.status is not JobStatus.NULL]
+def query_block_jobs(context: CommandContext) -> list:
+    with context.jobs.lock:
+        return [job.info() for job in context.jobs if job.status is not JobStatus.NULL]
 
 
 @command("query-jobs")
-def query_jobs(server) -> list:
-    with server.jobs.lock:
-        return [job.query_jobs_info() for job in server.jobs if job.status is not JobStatus.NULL]
+def query_jobs(context: CommandContext) -> list:
+    with context.jobs.lock:
+        return [job.query_jobs_info() for job in context.jobs if job.status is not JobStatus.NULL]
 
 
 # --- block-stream -----------------------------------------------------------------------------------
@@ -194,37 +200,37 @@ def query_jobs(server) -> list:
     "*job-id": "str", "device": "str", "*base": "str", "*base-node": "str", "*backing-file": "str",
     "*speed": "int", "*on-error": ON_ERROR, "*auto-finalize": "bool", "*auto-dismiss": "bool",
 })
-def block_stream(server, device: str, job_id: str | None = None, base: str | None = None,
+def block_stream(context: CommandContext, device: str, job_id: str | None = None, base: str | None = None,
                  base_node: str | None = None, backing_file: str | None = None, speed: int = 0,
                  on_error: str = "report", auto_finalize: bool = True, auto_dismiss: bool = True) -> None:
     if base is not None and base_node is not None:
         raise GenericError("'base' and 'base-node' cannot be specified at the same time")
-    dev, node = find_device_or_node(server, device)
+    dev, node = find_device_or_node(context, device)
     if node is not dev.top and job_id is None:
         job_id = ""  # QEMU names a job after the device; a node that is not one has no name to lend
     if job_id is not None:
         validate_job_id(job_id)
     base_bs = None
     if base_node is not None:
-        _, base_bs = find_device_or_node(server, base_node)
+        _, base_bs = find_device_or_node(context, base_node)
         if not any(n is base_bs for n in dev.nodes()[dev.chain.depth_of(node) + 1 :]):
             raise GenericError(f"Node '{base_node}' is not a backing image of '{device}'")
     elif base is not None:
         base_bs = dev.chain.find_base(base, node)
     if backing_file is not None and base_bs is None:
         raise GenericError("backing file specified, but streaming the entire chain")
-    with server.jobs.lock:
+    with context.jobs.lock:
         if dev.job is not None:
             raise _busy(dev)
         job_id = job_id if job_id is not None else dev.name
-        if job_id in server.jobs:
+        if job_id in context.jobs:
             raise GenericError(f"Job ID '{job_id}' already in use")
         target = None
         if node is not dev.top:
             # QEMU's stream into an intermediate image: it is writable for the job's life (bdrv_reopen).
             target = dev.reopen_node(node, read_only=False)
         try:
-            job = StreamJob(server.jobs, dev, job_id, base_bs, backing_file=backing_file, on_error=on_error,
+            job = StreamJob(context.jobs, dev, job_id, base_bs, backing_file=backing_file, on_error=on_error,
                             auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, target=target)
         except BaseException:
             if target is not None:
@@ -235,64 +241,64 @@ def block_stream(server, device: str, job_id: str | None = None, base: str | Non
             job.set_speed(speed)
         except VdiskError:
             job.copier.close()
-            server.jobs.emit(events + job.early_fail())
+            context.jobs.emit(events + job.early_fail())
             if target is not None:
                 dev.reopen_node(target, read_only=True)
             raise
-        server.jobs.emit(events)
+        context.jobs.emit(events)
         job.launch()
 
 
 # --- job verbs (block-job-* by device or job id, job-* by job id) --------------------------------------
 
 
-def _verb(server, job, action: Callable[[], list]) -> None:
-    server.jobs.emit(action())
+def _verb(context: CommandContext, job, action: Callable[[], list]) -> None:
+    context.jobs.emit(action())
     job.poke()
 
 
 @command("block-job-set-speed", {"device": "str", "speed": "int"})
-def block_job_set_speed(server, device: str, speed: int) -> None:
-    with server.jobs.lock:
-        job = server.jobs.find_block_job(device)
-        _verb(server, job, lambda: job.set_speed(speed))
+def block_job_set_speed(context: CommandContext, device: str, speed: int) -> None:
+    with context.jobs.lock:
+        job = context.jobs.find_block_job(device)
+        _verb(context, job, lambda: job.set_speed(speed))
 
 
 @command("block-job-pause", {"device": "str"})
-def block_job_pause(server, device: str) -> None:
-    with server.jobs.lock:
-        job = server.jobs.find_block_job(device)
-        _verb(server, job, job.user_pause)
+def block_job_pause(context: CommandContext, device: str) -> None:
+    with context.jobs.lock:
+        job = context.jobs.find_block_job(device)
+        _verb(context, job, job.user_pause)
 
 
 @command("block-job-resume", {"device": "str"})
-def block_job_resume(server, device: str) -> None:
-    with server.jobs.lock:
-        job = server.jobs.find_block_job(device)
-        _verb(server, job, job.user_resume)
+def block_job_resume(context: CommandContext, device: str) -> None:
+    with context.jobs.lock:
+        job = context.jobs.find_block_job(device)
+        _verb(context, job, job.user_resume)
 
 
 @command("block-job-cancel", {"device": "str", "*force": "bool"})
-def block_job_cancel(server, device: str, force: bool = False) -> None:
-    with server.jobs.lock:
-        job = server.jobs.find_block_job(device)
-        _verb(server, job, lambda: job.block_job_cancel(force))
+def block_job_cancel(context: CommandContext, device: str, force: bool = False) -> None:
+    with context.jobs.lock:
+        job = context.jobs.find_block_job(device)
+        _verb(context, job, lambda: job.block_job_cancel(force))
 
 
 @command("block-job-complete", {"device": "str"})
-def block_job_complete(server, device: str) -> None:
-    with server.jobs.lock:
-        job = server.jobs.find_block_job(device)
-        _verb(server, job, job.complete)
+def block_job_complete(context: CommandContext, device: str) -> None:
+    with context.jobs.lock:
+        job = context.jobs.find_block_job(device)
+        _verb(context, job, job.complete)
 
 
 def _job_verb_command(find: Callable, verb: Callable) -> Handler:
     """A command that looks a job up by its ``id`` (``find``) and applies one verb to it."""
 
-    def run(server, id: str) -> None:  # noqa: A002 - QMP's argument name
-        with server.jobs.lock:
-            job = find(server.jobs, id)
-            _verb(server, job, lambda: verb(job))
+    def run(context: CommandContext, id: str) -> None:  # noqa: A002 - QMP's argument name
+        with context.jobs.lock:
+            job = find(context.jobs, id)
+            _verb(context, job, lambda: verb(job))
 
     return run
 
@@ -319,19 +325,19 @@ for _name, (_find, _apply) in _ID_VERBS.items():
     "*device": "str", "*node-name": "str", "snapshot-file": "str", "*snapshot-node-name": "str",
     "*format": "str", "*mode": SNAPSHOT_MODE,
 })
-def blockdev_snapshot_sync(server, snapshot_file: str, device: str | None = None, node_name: str | None = None,
-                           snapshot_node_name: str | None = None, format: str = "qcow2",  # noqa: A002
-                           mode: str = "absolute-paths") -> None:
+def blockdev_snapshot_sync(context: CommandContext, snapshot_file: str, device: str | None = None,
+                           node_name: str | None = None, snapshot_node_name: str | None = None,
+                           format: str = "qcow2", mode: str = "absolute-paths") -> None:  # noqa: A002
     if device is None and node_name is None:
         raise GenericError("Cannot find device='' nor node-name=''")
-    dev, node = find_device_or_node(server, device if device is not None else node_name)
+    dev, node = find_device_or_node(context, device if device is not None else node_name)
     if node is not dev.top:
         raise GenericError(f"The node '{node_name or device}' is not the active image of a device")
     if format != "qcow2":
         raise InvalidArgument(f"Format '{format}' cannot be used for a snapshot overlay (vdisk makes qcow2)")
     if dev.read_only:
         raise GenericError(f"Device '{dev.name}' is read-only")
-    with server.jobs.lock:
+    with context.jobs.lock:
         if dev.job is not None:
             raise _busy(dev)
         path = os.path.abspath(snapshot_file)
@@ -347,12 +353,14 @@ def blockdev_snapshot_sync(server, snapshot_file: str, device: str | None = None
 
 
 @command("human-monitor-command", {"command-line": "str", "*cpu-index": "int"})
-def human_monitor_command(server, command_line: str, cpu_index: int | None = None) -> str:
-    from vdisk.qmp.hmp import run_hmp
+def human_monitor_command(context: CommandContext, command_line: str, cpu_index: int | None = None) -> str:
+    def run_command(name: str, **arguments: Any) -> Any:
+        # As QEMU's hmp_* functions call qmp_* ones: the function itself, with arguments HMP built (no schema).
+        return COMMANDS[name][1](context, **arguments)
 
-    return run_hmp(server, command_line)
+    return hmp.run_hmp(run_command, command_line)
 
 
 @command("quit")
-def quit_(server) -> None:
-    server.request_shutdown()
+def quit_(context: CommandContext) -> None:
+    context.request_shutdown()

@@ -1,5 +1,9 @@
 """HMP: the human monitor's words, mapped onto the QMP commands, with QEMU's output text.
 
+The words run QMP commands through the :data:`RunCommand` they are handed (QMP's ``human-monitor-command``
+hands one that calls ``vdisk.qmp.commands``' functions), so this module knows the commands by their QMP names
+only and imports none of them.
+
 ``block_stream DEVICE [BASE]`` follows QEMU's live-block-ops document (``block_stream virtio0 file-A.img``);
 QEMU's later ``block_stream DEVICE [SPEED [BASE]]`` form is accepted too: a second word that is a number is
 the speed.
@@ -9,10 +13,15 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Callable
+from typing import Any
 
-from vdisk.units import parse_size
 from vdisk.errors import GenericError, VdiskError
-from vdisk.qmp import commands
+from vdisk.units import parse_size
+
+#: Runs the QMP command named by its first argument with the given keyword arguments (Python spelling:
+#: ``job_id``) and returns its result; raises what the command raises.
+RunCommand = Callable[..., Any]
 
 _SPEED = re.compile(r"^\d+[kKmMgGtT]?$")
 
@@ -31,7 +40,7 @@ snapshot_blkdev [-n] device [new-image-file] [format] -- initiates a live snapsh
 """
 
 
-def run_hmp(server, line: str) -> str:
+def run_hmp(run_command: RunCommand, line: str) -> str:
     """Run one HMP command line; returns its text output (errors as QEMU prints them: 'Error: ...')."""
     try:
         words = shlex.split(line)
@@ -40,7 +49,7 @@ def run_hmp(server, line: str) -> str:
     if not words:
         return ""
     try:
-        return _run(server, words[0], words[1:])
+        return _run(run_command, words[0], words[1:])
     except VdiskError as exc:
         return f"Error: {exc}\r\n"
 
@@ -50,18 +59,18 @@ def _need(args: list[str], count: int, usage: str) -> None:
         raise GenericError(f"Parameter missing; usage: {usage}")
 
 
-def _run(server, cmd: str, args: list[str]) -> str:
+def _run(run_command: RunCommand, cmd: str, args: list[str]) -> str:
     if cmd in ("help", "?"):
         return HELP.replace("\n", "\r\n")
     if cmd == "info":
         _need(args, 1, "info block|block-jobs|version")
         what = args[0]
         if what == "block-jobs":
-            return info_block_jobs(server)
+            return info_block_jobs(run_command)
         if what == "block":
-            return info_block(server)
+            return info_block(run_command)
         if what == "version":
-            v = commands.qemu_version()
+            v = run_command("query-version")
             q = v["qemu"]
             return f"{q['major']}.{q['minor']}.{q['micro']} ({v['package']})\r\n"
         raise GenericError(f"info: unknown item '{what}'")
@@ -73,44 +82,43 @@ def _run(server, cmd: str, args: list[str]) -> str:
             speed, rest = parse_size(rest[0]), rest[1:]
         base = rest[0] if rest else None
         # QEMU's hmp_block_stream passes the device (or node) name as the job ID too
-        commands.block_stream(server, device=device, job_id=device, base=base, speed=speed)
+        run_command("block-stream", device=device, job_id=device, base=base, speed=speed)
         return ""
     if cmd == "block_job_set_speed":
         _need(args, 2, "block_job_set_speed device speed")
-        commands.block_job_set_speed(server, device=args[0], speed=parse_size(args[1]))
+        run_command("block-job-set-speed", device=args[0], speed=parse_size(args[1]))
         return ""
     if cmd == "block_job_cancel":
         force = "-f" in args
         rest = [a for a in args if a != "-f"]
         _need(rest, 1, "block_job_cancel [-f] device")
-        commands.block_job_cancel(server, device=rest[0], force=force)
+        run_command("block-job-cancel", device=rest[0], force=force)
         return ""
     if cmd == "block_job_pause":
         _need(args, 1, "block_job_pause device")
-        commands.block_job_pause(server, device=args[0])
+        run_command("block-job-pause", device=args[0])
         return ""
     if cmd == "block_job_resume":
         _need(args, 1, "block_job_resume device")
-        commands.block_job_resume(server, device=args[0])
+        run_command("block-job-resume", device=args[0])
         return ""
     if cmd == "block_job_complete":
         _need(args, 1, "block_job_complete device")
-        commands.block_job_complete(server, device=args[0])
+        run_command("block-job-complete", device=args[0])
         return ""
     if cmd == "snapshot_blkdev":
         reuse = "-n" in args
         rest = [a for a in args if a != "-n"]
         _need(rest, 2, "snapshot_blkdev [-n] device new-image-file [format]")
-        commands.blockdev_snapshot_sync(server, device=rest[0], snapshot_file=rest[1],
-                                        format=rest[2] if len(rest) > 2 else "qcow2",
-                                        mode="existing" if reuse else "absolute-paths")
+        run_command("blockdev-snapshot-sync", device=rest[0], snapshot_file=rest[1],
+                    format=rest[2] if len(rest) > 2 else "qcow2", mode="existing" if reuse else "absolute-paths")
         return ""
     raise GenericError(f"unknown command: '{cmd}'")
 
 
-def info_block_jobs(server) -> str:
+def info_block_jobs(run_command: RunCommand) -> str:
     """QEMU's hmp_info_block_jobs text."""
-    jobs = commands.query_block_jobs(server)
+    jobs = run_command("query-block-jobs")
     if not jobs:
         return "No active jobs\r\n"
     lines = []
@@ -124,10 +132,10 @@ def info_block_jobs(server) -> str:
     return "".join(line + "\r\n" for line in lines)
 
 
-def info_block(server) -> str:
+def info_block(run_command: RunCommand) -> str:
     """QEMU's ``info block`` text for each device."""
     out = []
-    for dev in commands.query_block(server):
+    for dev in run_command("query-block"):
         inserted = dev["inserted"]
         out.append(f"{dev['device']} ({inserted['node-name']}): {inserted['file']} ({inserted['drv']}"
                    f"{', read-only' if inserted['ro'] else ''})")

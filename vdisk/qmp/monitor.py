@@ -1,9 +1,10 @@
 """The QMP monitor's socket loop: a unix socket, one thread per client, events broadcast to all.
 
-Only I/O lives here; framing and negotiation are ``vdisk.qmp.protocol``'s, the commands
-``vdisk.qmp.commands``'.  Each client has a reader thread (requests in, replies queued) and a writer thread
-that sends its queue: whole messages, one at a time, so they never interleave, and nobody else ever waits on
-this client's socket (a broadcast may run under the job lock).  A client that vanishes, leaves more than
+Only I/O lives here; framing and negotiation are ``vdisk.qmp.connection``'s, the commands
+``vdisk.qmp.commands``', run with the serving process's :class:`~vdisk.qmp.context.CommandContext`.  Each
+client has a reader thread (requests in, replies queued) and a writer thread that sends its queue: whole
+messages, one at a time, so they never interleave, and nobody else ever waits on this client's socket (a
+broadcast may run under the job lock).  A client that vanishes, leaves more than
 MAX_PENDING_BYTES unread, or blocks one send for SEND_TIMEOUT is dropped without affecting the others.
 """
 
@@ -13,11 +14,14 @@ import collections
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 
-from vdisk.qmp import protocol
+from vdisk.qmp import connection
 from vdisk.qmp.commands import dispatch, qemu_version
+from vdisk.qmp.context import CommandContext
+from vdisk.qmp.json_parser import DEFAULT_MAX_MESSAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +29,13 @@ MAX_CLIENTS = 64
 SEND_TIMEOUT = 5.0
 # Replies and events a client may leave unread before it is dropped (one message is always accepted: the reply
 # to a request of the maximum size, whose id it echoes, is that large).
-MAX_PENDING_BYTES = 2 * protocol.DEFAULT_MAX_MESSAGE_SIZE
+MAX_PENDING_BYTES = 2 * DEFAULT_MAX_MESSAGE_SIZE
 
 
 class _Client:
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.core = protocol.QMPConnectionCore()
+        self.core = connection.QMPConnectionCore()
         self.alive = True
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued_bytes = 0
@@ -98,9 +102,11 @@ class _Client:
 
 
 class MonitorServer:
-    def __init__(self, path: str, server, *, mode: int = 0o600):
+    """The listening socket at ``path`` and its clients; commands run with ``context``."""
+
+    def __init__(self, path: str, context: CommandContext, *, mode: int = 0o600):
         self.path = path
-        self.server = server
+        self.context = context
         self.mode = mode
         self._clients: list[_Client] = []
         self._lock = threading.Lock()
@@ -144,7 +150,7 @@ class MonitorServer:
 
     def broadcast(self, name: str, data: dict | None) -> None:
         """Send an event to every negotiated client."""
-        message = protocol.event(name, data, time.time())
+        message = connection.event(name, data, time.time())
         with self._lock:
             clients = [c for c in self._clients if c.alive and c.core.events_enabled]
         for client in clients:
@@ -169,15 +175,14 @@ class MonitorServer:
         sock.settimeout(None)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_TIMEOUT))
-            client.send(protocol.greeting(qemu_version(), client.core.capabilities_offered))
+            client.send(connection.greeting(qemu_version(), client.core.capabilities_offered))
             while client.alive:
                 data = sock.recv(65536)
                 if not data:
                     break
                 for item in client.core.receive_data(data):
-                    if isinstance(item, protocol.Command):
-                        reply = dispatch(self.server, item, client_id=id(client))
-                        client.send(reply)
+                    if isinstance(item, connection.Command):
+                        client.send(dispatch(self.context, item))
                     else:
                         client.send(item.reply)
         except OSError:
@@ -190,6 +195,4 @@ class MonitorServer:
 
 
 def _timeval(seconds: float) -> bytes:
-    import struct
-
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))

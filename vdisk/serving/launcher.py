@@ -23,10 +23,10 @@ and drops the payload of a refused write up to 128 MiB, closes the connection be
 MiB, more than 32 options in one handshake, names over 4096 bytes.  A connection has one request in flight
 when requests are serialized (the default: nbdkit --threads 1), at most ``threads`` (default 16) with
 ``serialize=False``, each buffer at most 64 MiB: meanwhile nbdkit does not read the socket, so a client that
-pipelines more meets socket back-pressure, never unbounded buffering.  nbdkit has no handshake timeout (1.32 or later): a client
-that stalls in the handshake holds a thread and a socket, but no connection slot and no image, and it blocks
-nobody, because nbdkit runs its parallel model even when requests are serialized (nbdkit's serialized model
-would hold its global request lock across that handshake: see ``vdisk.serving.nbdkit_plugin``).
+pipelines more meets socket back-pressure, never unbounded buffering.  nbdkit has no handshake timeout (1.32 or
+later): a client that stalls in the handshake holds a thread and a socket, but no connection slot and no image,
+and it blocks nobody, because nbdkit runs its parallel model even when requests are serialized (nbdkit's
+serialized model would hold its global request lock across that handshake: see ``vdisk.serving.nbdkit_plugin``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from pathlib import Path
 import vdisk
 from vdisk.block import chain
 from vdisk.errors import GenericError
-from vdisk.formats.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
+from vdisk.formats.qcow2.cache import CacheOptions
+from vdisk.serving.config import PluginConfig, plugin_arguments
 
 PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 
@@ -67,11 +68,19 @@ class ServeOptions:
     socket_mode: int = 0o600
     max_connections: int = 64  # nbdkit's limit filter (see limits); 0 = no limit
     tls: str = "off"  # off | on | require: nbdkit's own TLS (GnuTLS)
-    tls_creds: str | None = None  # x509 directory as QEMU's tls-creds-x509: ca-cert.pem, server-cert.pem, server-key.pem
+    # x509 directory as QEMU's tls-creds-x509: ca-cert.pem, server-cert.pem, server-key.pem
+    tls_creds: str | None = None
     tls_psk: str | None = None  # PSK file, "username:hexkey" lines (QEMU's keys.psk)
     allow_backing_dirs: tuple[str, ...] = ()  # backing files must lie below one of these (empty: anywhere)
     threads: int | None = None  # nbdkit --threads: requests in flight per connection, parallel model only
     cache: CacheOptions = CacheOptions()  # QEMU's qcow2 cache options, for every qcow2 node of the chain
+
+    def plugin_config(self, stop_fd: int | None = None) -> PluginConfig:
+        """What the plugin is told; the other options are nbdkit's own (or, like ``read_only``, both's)."""
+        return PluginConfig(image=self.image, format=self.format, device=self.device, read_only=self.read_only,
+                            copy_on_read=self.copy_on_read, qmp=self.qmp, description=self.description,
+                            allow_backing_dirs=self.allow_backing_dirs, serialize=self.serialize, cache=self.cache,
+                            stop_fd=stop_fd)
 
 
 def python_path() -> str:
@@ -111,27 +120,9 @@ def nbdkit_command(opts: ServeOptions, *, socket: str | None = None, pid_file: s
         raise GenericError(f"--tls={opts.tls} needs --tls-creds DIR or --tls-psk FILE")
     if pid_file or opts.pid_file:
         cmd += ["--pidfile", pid_file or opts.pid_file]
-    cmd += ["python", str(PLUGIN), f"image={opts.image}", f"device={opts.device}",
-            f"readonly={str(opts.read_only).lower()}", f"copy-on-read={str(opts.copy_on_read).lower()}",
-            f"serialize={str(opts.serialize).lower()}"]
+    cmd += ["python", str(PLUGIN), *plugin_arguments(opts.plugin_config(stop_fd))]
     if opts.max_connections:
-        cmd.append(f"limit={opts.max_connections}")
-    if opts.format:
-        cmd.append(f"format={opts.format}")
-    for directory in opts.allow_backing_dirs:
-        cmd.append(f"allow-backing-dir={os.path.abspath(directory)}")
-    if opts.qmp:
-        cmd.append(f"qmp={opts.qmp}")
-    if opts.description is not None:
-        cmd.append(f"description={opts.description}")
-    for key, value in (("cache-size", opts.cache.cache_size), ("l2-cache-size", opts.cache.l2_cache_size),
-                       ("refcount-cache-size", opts.cache.refcount_cache_size)):
-        if value is not None:
-            cmd.append(f"{key}={value}")
-    if opts.cache.cache_clean_interval != DEFAULT_CACHE_CLEAN_INTERVAL:
-        cmd.append(f"cache-clean-interval={opts.cache.cache_clean_interval}")
-    if stop_fd is not None:
-        cmd.append(f"stop-fd={stop_fd}")
+        cmd.append(f"limit={opts.max_connections}")  # the limit filter's key, not the plugin's
     return cmd
 
 

@@ -1,8 +1,9 @@
 """The nbdkit Python plugin (API_VERSION 2): a thin adapter from nbdkit's callbacks to ``vdisk.serving.process``.
 
-nbdkit owns the NBD protocol; this module maps each callback onto the server's block device and each of our
-exceptions onto the errno nbdkit sends to the client.  The one other thing here is process plumbing that only
-nbdkit needs: stopping gracefully while clients stay attached (see "stopping with clients attached").
+nbdkit owns the NBD protocol; this module maps each lifecycle callback onto one step of the serving process,
+each data callback onto its block device, and each of our exceptions onto the errno nbdkit sends to the
+client.  The one other thing here is process plumbing that only nbdkit needs: logging, and stopping
+gracefully while clients stay attached (see "stopping with clients attached").
 """
 
 import errno
@@ -16,13 +17,13 @@ import threading
 import nbdkit
 
 from vdisk.errors import VdiskError
-from vdisk.serving.process import Server
+from vdisk.serving.config import config_help as plugin_config_help
+from vdisk.serving.process import ServingProcess
 
 API_VERSION = 2
 
 log = logging.getLogger("vdisk.nbdkit")
-_server = Server()
-_stop_fd: int | None = None  # read end of the pipe `vdisk serve` closes to stop us (see stop_serving)
+_process = ServingProcess()
 
 
 def errno_for(exc: BaseException) -> int:
@@ -47,7 +48,7 @@ def _guard(callback):
     @functools.wraps(callback)
     def wrapper(*args):
         try:
-            if _server.serialize:
+            if _process.plugin_config.serialize:
                 with _request_lock:
                     return callback(*args)
             return callback(*args)
@@ -62,19 +63,17 @@ def _guard(callback):
 
 
 def config(key, value):
-    global _stop_fd
-    if key == "stop-fd":  # process plumbing from vdisk.serving.launcher, not a disk setting
-        _stop_fd = int(value)
-        return
-    _server.config(key, value)
+    _process.config(key, value)
 
 
 def config_complete():
-    _server.config_complete()
+    _process.config_complete()
+    logging.basicConfig(level=os.environ.get("VDISK_LOG_LEVEL", "WARNING"),
+                        format="vdisk[%(process)d]: %(levelname)s: %(name)s: %(message)s")
 
 
 def config_help():
-    return Server.CONFIG_HELP
+    return plugin_config_help()
 
 
 def thread_model():
@@ -82,14 +81,14 @@ def thread_model():
 
 
 def get_ready():
-    _server.open()
+    _process.open()
 
 
 def after_fork():
-    _server.shutdown_hook = _stop_from_monitor
-    _server.start()
-    if _stop_fd is not None:
-        threading.Thread(target=_stop_when_closed, args=(_stop_fd,), name="vdisk-stop", daemon=True).start()
+    _process.start(stop_serving=_stop_from_monitor)
+    stop_fd = _process.plugin_config.stop_fd
+    if stop_fd is not None:
+        threading.Thread(target=_stop_when_closed, args=(stop_fd,), name="vdisk-stop", daemon=True).start()
 
 
 # --- stopping with clients attached ---------------------------------------------------------------------
@@ -117,7 +116,8 @@ def _stop_from_monitor() -> None:
 def stop_serving() -> None:
     """Stop nbdkit gracefully now, even with clients attached (SIGTERM in `vdisk serve`, QMP quit)."""
     nbdkit.shutdown()
-    keep = {_server.qmp_path} if _server.qmp_path else set()
+    qmp_path = _process.plugin_config.qmp
+    keep = {qmp_path} if qmp_path else set()
     for name in os.listdir("/proc/self/fd"):
         try:
             fd = os.dup(int(name))
@@ -152,15 +152,15 @@ def _stop_when_closed(fd: int) -> None:
 
 
 def cleanup():
-    _server.shutdown()
+    _process.shutdown()
 
 
 def open(readonly):
-    return _server.device_for_connection(readonly)
+    return _process.device_for_connection()
 
 
 def export_description(h):
-    return _server.description or ""
+    return _process.plugin_config.description or ""
 
 
 def get_size(h):

@@ -1,160 +1,188 @@
-"""The serving process's state: the block devices, their jobs and the QMP monitor.
+"""The serving process's state: its run state, its configuration, and the command context (block devices,
+jobs, stop request) that the QMP monitor and the jobs work on.
 
-nbdkit loads ``vdisk.serving.nbdkit_plugin``, which forwards its lifecycle here: ``config`` collects keys,
-``open`` (nbdkit's get_ready, before serving) opens the chain so a bad image fails before any client
-connects, ``start`` (after_fork) starts the monitor thread, ``shutdown`` (cleanup, on SIGTERM) cancels jobs,
-flushes and closes the images cleanly.
+Design notes
+============
+nbdkit loads ``vdisk.serving.nbdkit_plugin``, which forwards its lifecycle callbacks here, one step each:
+``config`` (one key), ``config_complete``, ``open`` (nbdkit's get_ready: the chain opens before any client
+connects, so a bad image fails at once), ``start`` (after_fork: the monitor and the cache cleaner start),
+``device_for_connection`` (open, per client), ``shutdown`` (cleanup: jobs cancelled, images flushed and
+closed).  :data:`RUN_STATE_TABLE` says which step each :class:`RunState` allows and where it leads, as
+qemu.qmp's ``Runstate`` does for a connection; a step the table does not list raises
+:class:`~vdisk.errors.StateError` before doing anything.
+
+A step that fails leaves the state it started from, and nothing half-done: what it had opened or started is
+closed or stopped again, and the error propagates (ours as they are; anything else as a
+:class:`~vdisk.errors.ServingError` whose cause is chained), so nbdkit reports it and exits.
+
+Threads: nbdkit calls the lifecycle steps one at a time from its main thread, so only they write ``state``;
+``device_for_connection`` (nbdkit's connection threads) only reads it.  ``shutdown`` runs once the last client
+connection has ended.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import logging
-import os
 import threading
+from collections.abc import Callable, Iterator
 
 from vdisk.block import chain
 from vdisk.block.device import BlockDevice
-from vdisk.errors import DeviceNotFound, GenericError, VdiskError
-from vdisk.jobs.registry import JobRegistry
-from vdisk.formats.qcow2.cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheOptions
-from vdisk.units import parse_size
+from vdisk.errors import ServingError, StateError, VdiskError
+from vdisk.qmp.context import CommandContext
+from vdisk.qmp.monitor import MonitorServer
+from vdisk.serving.config import PluginConfig, PluginConfigParser
 
 log = logging.getLogger(__name__)
 
-_TRUE = {"1", "true", "on", "yes"}
+
+class RunState(enum.Enum):
+    CONFIGURING = "configuring"  # collecting nbdkit's key=value pairs
+    CONFIGURED = "configured"  # the keys are complete and checked
+    READY = "ready"  # the chain is open
+    RUNNING = "running"  # the monitor and the cache cleaner run; clients connect
+    STOPPED = "stopped"  # jobs cancelled, monitor stopped, images flushed and closed
 
 
-class Server:
-    CONFIG_HELP = (
-        "image=PATH          (required) the active image of the chain to serve\n"
-        "format=qcow2|raw    its format (probed if not given)\n"
-        "device=NAME         the block device name used by QMP (default drive0)\n"
-        "readonly=BOOL       open the image read-only\n"
-        "copy-on-read=BOOL   guest reads fill the active image from its backing chain\n"
-        "qmp=PATH            a QMP-compatible control socket (unix)\n"
-        "description=TEXT    the NBD export description\n"
-        "allow-backing-dir=DIR  backing files must lie below DIR (repeatable)\n"
-        "serialize=BOOL      one request at a time across all connections (default) or parallel\n"
-        "cache-size=SIZE     qcow2 L2 + refcount cache, as QEMU's cache-size (per qcow2 node)\n"
-        "l2-cache-size=SIZE  qcow2 L2 cache (default: covers the disk, at most 32M)\n"
-        "refcount-cache-size=SIZE  qcow2 refcount cache (default: 4 clusters)\n"
-        "cache-clean-interval=SECONDS  drop cache entries unused this long (default 600, 0 = never)"
-    )
-    _CACHE_KEYS = ("cache-size", "l2-cache-size", "refcount-cache-size")
+class Step(enum.Enum):
+    CONFIG = "config"
+    CONFIG_COMPLETE = "config_complete"
+    OPEN = "open"
+    START = "start"
+    CONNECT = "connect"
+    SHUTDOWN = "shutdown"
+
+
+#: (state, step) -> the state after the step succeeded.  nbdkit calls cleanup (shutdown) whenever it unloads
+#: the plugin, even when an earlier step failed, so every state but STOPPED may shut down.
+RUN_STATE_TABLE: dict[tuple[RunState, Step], RunState] = {
+    (RunState.CONFIGURING, Step.CONFIG): RunState.CONFIGURING,
+    (RunState.CONFIGURING, Step.CONFIG_COMPLETE): RunState.CONFIGURED,
+    (RunState.CONFIGURED, Step.OPEN): RunState.READY,
+    (RunState.READY, Step.START): RunState.RUNNING,
+    (RunState.RUNNING, Step.CONNECT): RunState.RUNNING,
+    (RunState.CONFIGURING, Step.SHUTDOWN): RunState.STOPPED,
+    (RunState.CONFIGURED, Step.SHUTDOWN): RunState.STOPPED,
+    (RunState.READY, Step.SHUTDOWN): RunState.STOPPED,
+    (RunState.RUNNING, Step.SHUTDOWN): RunState.STOPPED,
+}
+
+
+def next_run_state(state: RunState, step: Step) -> RunState:
+    """Look the pair up in :data:`RUN_STATE_TABLE`; a pair not in it raises :class:`StateError`."""
+    try:
+        return RUN_STATE_TABLE[(state, step)]
+    except KeyError:
+        raise StateError(f"the serving process cannot {step.value} while {state.value}",
+                         state=state.value, action=step.value) from None
+
+
+class ServingProcess:
+    """One nbdkit process's worth of vdisk: configuration, run state, devices, jobs and the QMP monitor."""
 
     def __init__(self) -> None:
-        self.image: str | None = None
-        self.format: str | None = None
-        self.device_name = "drive0"
-        self.read_only = False
-        self.copy_on_read = False
-        self.qmp_path: str | None = None
-        self.description: str | None = None
-        self.serialize = True
-        self.allowed_dirs: list[str] | None = None  # backing files must lie below these (None: anywhere)
-        self._cache_settings: dict[str, int] = {}  # QEMU's qcow2 cache option names -> bytes or seconds
-        self.cache = CacheOptions()
-        self._stopping = threading.Event()
-        self.devices: dict[str, BlockDevice] = {}
-        self.jobs = JobRegistry()
-        self.monitor = None
-        self.shutdown_hook = None  # set by the nbdkit adapter: asks nbdkit to stop (QMP quit)
+        self.state = RunState.CONFIGURING
+        self.context = CommandContext()
+        self.monitor: MonitorServer | None = None
+        self._parser = PluginConfigParser()
+        self._config: PluginConfig | None = None
+        self._stopping = threading.Event()  # ends the cache cleaner
+
+    @contextlib.contextmanager
+    def _step(self, step: Step, rollback: Callable[[], None] | None = None) -> Iterator[None]:
+        """Run one step: refused unless the table allows it; on failure ``rollback`` undoes what the step did,
+        the state stays, and a foreign error is wrapped (cause chained); on success the state moves on."""
+        next_state = next_run_state(self.state, step)
+        try:
+            yield
+        except BaseException as exc:
+            if rollback is not None:
+                rollback()
+            if isinstance(exc, VdiskError) or not isinstance(exc, Exception):
+                raise  # ours say what was wrong already; KeyboardInterrupt and the like stay what they are
+            raise ServingError(f"{step.value} failed: {exc}", step=step.value) from exc
+        self.state = next_state
+
+    @property
+    def plugin_config(self) -> PluginConfig:
+        """The configuration, once ``config_complete`` accepted it."""
+        if self._config is None:
+            raise StateError(f"the serving process has no configuration while {self.state.value}",
+                             state=self.state.value, action="plugin_config")
+        return self._config
 
     # --- configuration (nbdkit config / config_complete) ---------------------------------------------
 
     def config(self, key: str, value: str) -> None:
-        if key == "image":
-            self.image = os.path.abspath(value)
-        elif key == "format":
-            self.format = value
-        elif key == "device":
-            self.device_name = value
-        elif key == "readonly":
-            self.read_only = value.lower() in _TRUE
-        elif key == "copy-on-read":
-            self.copy_on_read = value.lower() in _TRUE
-        elif key == "qmp":
-            self.qmp_path = os.path.abspath(value)
-        elif key == "allow-backing-dir":
-            self.allowed_dirs = [*(self.allowed_dirs or []), os.path.abspath(value)]
-        elif key == "description":
-            self.description = value
-        elif key == "serialize":
-            self.serialize = value.lower() in _TRUE
-        elif key in self._CACHE_KEYS:
-            self._cache_settings[key] = parse_size(value)
-        elif key == "cache-clean-interval":
-            try:
-                self._cache_settings[key] = int(value)
-            except ValueError:
-                raise GenericError(f"cache-clean-interval must be a whole number of seconds, not {value!r}") from None
-        else:
-            raise GenericError(f"unknown parameter {key!r}; known: image, format, device, readonly, allow-backing-dir, "
-                               "copy-on-read, qmp, description, serialize, cache-size, l2-cache-size, "
-                               "refcount-cache-size, cache-clean-interval")
+        with self._step(Step.CONFIG):
+            self._parser.add(key, value)
 
     def config_complete(self) -> None:
-        if not self.image:
-            raise GenericError("image=PATH is required")
-        settings = self._cache_settings
-        self.cache = CacheOptions(
-            cache_size=settings.get("cache-size"), l2_cache_size=settings.get("l2-cache-size"),
-            refcount_cache_size=settings.get("refcount-cache-size"),
-            cache_clean_interval=settings.get("cache-clean-interval", DEFAULT_CACHE_CLEAN_INTERVAL),
-        )
-        logging.basicConfig(level=os.environ.get("VDISK_LOG_LEVEL", "WARNING"),
-                            format="vdisk[%(process)d]: %(levelname)s: %(name)s: %(message)s")
+        with self._step(Step.CONFIG_COMPLETE):
+            self._config = self._parser.complete()
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def open(self) -> None:
-        opened = chain.open_chain(self.image, self.format, read_only=self.read_only, allowed_dirs=self.allowed_dirs,
-                               cache=self.cache)
-        self.devices[self.device_name] = BlockDevice(
-            self.device_name, opened, read_only=self.read_only, copy_on_read=self.copy_on_read, cache=self.cache
-        )
+        """Open the chain and make it the device (nbdkit's get_ready)."""
+        with self._step(Step.OPEN):
+            config = self.plugin_config
+            top = chain.open_chain(config.image, config.format, read_only=config.read_only,
+                                   allowed_dirs=list(config.allow_backing_dirs) or None, cache=config.cache)
+            try:
+                device = BlockDevice(config.device, top, read_only=config.read_only,
+                                     copy_on_read=config.copy_on_read, cache=config.cache)
+            except BaseException:
+                chain.close_chain(top)
+                raise
+            self.context.devices[config.device] = device
 
-    def start(self) -> None:
-        if self.qmp_path:
-            from vdisk.qmp.monitor import MonitorServer
+    def start(self, stop_serving: Callable[[], None]) -> None:
+        """Start the monitor (if asked for) and the cache cleaner (nbdkit's after_fork).  ``stop_serving`` is
+        how QMP ``quit`` stops the process (nbdkit's business, so the adapter supplies it)."""
+        with self._step(Step.START, rollback=self._stop_monitor):
+            config = self.plugin_config
+            self.context.stop_request = stop_serving
+            if config.qmp:
+                self.monitor = MonitorServer(config.qmp, self.context)
+                self.context.jobs.broadcast = self.monitor.broadcast
+                self.monitor.start()
+            if config.cache.cache_clean_interval:
+                threading.Thread(target=self._clean_caches, args=(config.cache.cache_clean_interval,),
+                                 name="vdisk-cache-clean", daemon=True).start()
 
-            self.monitor = MonitorServer(self.qmp_path, self)
-            self.jobs.broadcast = self.monitor.broadcast
-            self.monitor.start()
-        if self.cache.cache_clean_interval:
-            threading.Thread(target=self._clean_caches, name="vdisk-cache-clean", daemon=True).start()
+    def _stop_monitor(self) -> None:
+        self.context.jobs.broadcast = None
+        self.context.stop_request = None
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
 
-    def _clean_caches(self) -> None:
+    def _clean_caches(self, interval: int) -> None:
         """QEMU's cache-clean-interval: every interval, drop the metadata tables unused since the last one."""
-        while not self._stopping.wait(self.cache.cache_clean_interval):
-            for device in list(self.devices.values()):
+        while not self._stopping.wait(interval):
+            for device in list(self.context.devices.values()):
                 for node in device.nodes():
                     dropped = node.clean_caches()
                     if dropped:
                         log.info("%s: dropped %d idle cached tables", node.path, dropped)
 
+    def device_for_connection(self) -> BlockDevice:
+        """The device a new NBD connection serves (nbdkit's open; nbdkit itself enforces a read-only export)."""
+        with self._step(Step.CONNECT):
+            return self.context.device(self.plugin_config.device)
+
     def shutdown(self) -> None:
-        self.jobs.cancel_all()
-        self._stopping.set()
-        if self.monitor is not None:
-            self.monitor.stop()
-        for device in self.devices.values():
-            try:
-                device.close()
-            except VdiskError as exc:
-                log.error("closing %s: %s", device.name, exc)
-        self.devices.clear()
-
-    def request_shutdown(self) -> None:
-        if self.shutdown_hook is None:
-            raise GenericError("this server cannot be stopped from the monitor")
-        self.shutdown_hook()
-
-    def device_for_connection(self, readonly: bool) -> BlockDevice:
-        return self.device(self.device_name)
-
-    def device(self, name: str) -> BlockDevice:
-        try:
-            return self.devices[name]
-        except KeyError:
-            raise DeviceNotFound(f"Device '{name}' not found") from None
+        """Cancel the jobs, stop the monitor and the cleaner, flush and close the images (nbdkit's cleanup)."""
+        with self._step(Step.SHUTDOWN):
+            self.context.jobs.cancel_all()
+            self._stopping.set()
+            self._stop_monitor()
+            for device in self.context.devices.values():
+                try:
+                    device.close()
+                except VdiskError as exc:
+                    log.error("closing %s: %s", device.name, exc)
+            self.context.devices.clear()

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_clean, run
+from tests.support.commands import run
+from tests.support.images import assert_clean
 from vdisk.errors import DeviceNotFound, GenericError, ServingError, StateError, VdiskError
 from vdisk.formats.qcow2.cache import CacheOptions
 from vdisk.qmp import commands, hmp

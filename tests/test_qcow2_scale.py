@@ -732,8 +732,8 @@ def test_image_with_metadata_and_data_past_2_32_clusters(cache_name: str, tmp_pa
             buf = bytearray(length)
             top.pread(buf, start)  # the whole disk, then the scalar paths: two clusters, one, a whole one
             assert buf == model[start : start + length], (start, length)
-        with top.lock:
-            assert [top.refcounts.refcount(c) for c in (8191, 8192, FAR - 1, FAR, FAR + 6, FAR + 7)] == [1, 0, 0, 1, 1, 0]
+        with top.top.lock:
+            assert [top.top.refcounts.refcount(c) for c in (8191, 8192, FAR - 1, FAR, FAR + 6, FAR + 7)] == [1, 0, 0, 1, 1, 0]
         vdisk_writes = [Write(100, rng.randbytes(700)),  # in place, past cluster 2^32
                         Write(128 * KiB + 900, rng.randbytes(300)),  # in place, then one new cluster
                         Write(300 * KiB + 5, rng.randbytes(2 * KiB))]  # a new L2 table and three data clusters

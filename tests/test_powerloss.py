@@ -238,7 +238,7 @@ def test_new_refcount_block_is_durable_before_the_refcount_table_entry(tmp_path,
     for i in range(3):
         guest.write(i * 64 * KiB, rng.randbytes(48 * KiB))
         guest.flush()
-    assert int((image._reftable.view != 0).sum()) > 1, "no second refcount block: the test lost its point"
+    assert int((image.refcounts.block_offsets() != 0).sum()) > 1, "no second refcount block: the test lost its point"
     image.close()
     replayer = replay_all(tmp_path, recording, path, initial, model, CACHES[cache][0])
     replayer.assert_ok()
@@ -258,7 +258,7 @@ def test_reftable_growth_survives_power_loss_at_every_barrier(tmp_path, recordin
     for i in range(12):
         guest.write(i * 640 * KiB, rng.randbytes(256 * KiB))
         guest.flush()
-    assert image._reftable.host_offset != 512, "the refcount table did not move: the test lost its point"
+    assert image.refcounts.table_extent()[0] != 512, "the refcount table did not move: the test lost its point"
     image.close()
     replayer = replay_all(tmp_path, recording, path, initial, model, CACHES[cache][0], singles=16,
                           header_only=True)
@@ -286,12 +286,12 @@ def test_flush_racing_a_write_does_not_link_data_it_did_not_sync(tmp_path, recor
     guest.flush()
     guest.flush()  # host cluster of guest cluster 0 is free again, its stale bytes still on disk
 
-    real_write_segments, real_fdatasync = image._write_segments, image._fdatasync
+    real_pwritev, real_fdatasync = image.file.pwritev, image.file.fdatasync
     data_may_go, data_linked, gate_sync = threading.Event(), threading.Event(), threading.Event()
 
-    def write_segments(segments):
+    def pwritev(buffers, offset):  # guest data only: metadata goes out through pwrite
         assert data_may_go.wait(20)
-        real_write_segments(segments)
+        real_pwritev(buffers, offset)
 
     def fdatasync():
         real_fdatasync()
@@ -300,7 +300,7 @@ def test_flush_racing_a_write_does_not_link_data_it_did_not_sync(tmp_path, recor
             data_may_go.set()  # the write stores its data and links it after this sync...
             assert data_linked.wait(20)  # ...before the flush takes the lock for its metadata
 
-    image._write_segments, image._fdatasync = write_segments, fdatasync
+    image.file.pwritev, image.file.fdatasync = pwritev, fdatasync
     op = model.begin("write", 2 * cs, rng.randbytes(cs), cs, False)
 
     def writer():
@@ -311,7 +311,7 @@ def test_flush_racing_a_write_does_not_link_data_it_did_not_sync(tmp_path, recor
     w = threading.Thread(target=writer)
     w.start()
     deadline = time.monotonic() + 20
-    while not image._refblock_cache.dirty():
+    while not image.refcounts.cache.dirty():
         assert time.monotonic() < deadline
         time.sleep(0.01)
     guest.flush()  # another flush makes the allocation's refcount durable: no refblock left dirty
@@ -321,7 +321,7 @@ def test_flush_racing_a_write_does_not_link_data_it_did_not_sync(tmp_path, recor
     f.join(30)
     w.join(30)
     assert not f.is_alive() and not w.is_alive()
-    image._write_segments, image._fdatasync = real_write_segments, real_fdatasync
+    image.file.pwritev, image.file.fdatasync = real_pwritev, real_fdatasync
     guest.flush()
     image.close()
     replayer = replay_all(tmp_path, recording, path, initial, model, CacheOptions(),

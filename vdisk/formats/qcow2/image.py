@@ -33,7 +33,7 @@ what it points to is durable: a power loss must not keep the pointer and lose th
 hold a freed cluster's old bytes (the bracketed syncs run only when such a pointer changed).  A moved
 refcount table is different: the header points at it only after a further fdatasync.  The refcount steps
 are ``Refcounts.write_back``, the L2/L1 steps ``Clusters.write_back``; the order between them is here.
-The data fdatasync runs without the lock, so a write may link fresh data (``Clusters._commit``) after it and
+The data fdatasync runs without the lock, so a write may link fresh data (``Clusters.pwrite``) after it and
 before the metadata phase: ``Clusters.links`` counts links, and the metadata phase syncs again when it moved
 meanwhile (otherwise only a dirty refcount block's sync would cover that data before its L2 entry is written).
 (The power-loss tests in tests/test_powerloss.py replay every barrier of recorded runs against these rules.)

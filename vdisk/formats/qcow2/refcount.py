@@ -48,7 +48,6 @@ class Refcounts:
         self.file = file
         self.lock = file.lock
         h = file.header
-        self.refcount_bits = h.refcount_bits
         self.block_entries = file.cluster_size * 8 // h.refcount_bits
         self.cache = TableCache(cache_tables)
         self._table = self._load_table()

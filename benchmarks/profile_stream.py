@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_stream
 
 from vdisk.block import chain
-from vdisk.io import native
+from vdisk.block.chain import Chain
 from vdisk.block.device import BlockDevice
-from vdisk.jobs import stream
-from vdisk.formats.qcow2 import image as qimage
 from vdisk.formats.qcow2.cluster import Clusters
 from vdisk.formats.qcow2.file import ImageFile
+from vdisk.formats.qcow2.image import Qcow2Image
 from vdisk.formats.qcow2.refcount import Refcounts
+from vdisk.io import native
+from vdisk.jobs import stream
 
 TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
 SPANS: list[tuple[str, float, float]] = []  # (label, start, end) of the calls made while finishing
@@ -62,23 +63,21 @@ def timed(owner, attr: str, label: str) -> None:
 
 
 def instrument() -> None:
-    timed(BlockDevice, "copy_wanted", "copy_wanted (allocation + block status)")
-    for name, label in (("resolve", "resolve (chain map of a chunk)"), ("_read_pieces", "_read_pieces (preads)")):
-        if hasattr(stream, name):
-            timed(stream, name, label)
-    timed(qimage.Qcow2Image, "map_units", "map_units")
-    timed(stream.StreamCopier, "_read", "_read (total)")
-    timed(qimage.Qcow2Image, "pread", "pread (through the chain)")
-    timed(qimage.Qcow2Image, "unallocated_clusters", "unallocated_clusters")
+    timed(Chain, "copy_plan", "copy_plan (allocation + the chain walk)")
+    timed(Chain, "resolve", "  resolve (chain map of a chunk)")
+    timed(Chain, "read_pieces", "read_pieces (preads)")
+    timed(Clusters, "map_units", "map_units")
+    timed(stream.StreamCopier, "step", "step (total, job thread)")
+    timed(Clusters, "unallocated_clusters", "unallocated_clusters")
     timed(native, "zero_map", "zero_map (C)")
-    timed(qimage.Qcow2Image, "populate", "populate (total)")
-    timed(native, "pwrite_selected", "  pwrite_selected (C)")
+    timed(Clusters, "populate", "populate (total)")
+    timed(ImageFile, "pwrite_selected", "  pwrite_selected (C)")
     timed(Refcounts, "allocate", "  allocate")
     timed(stream.StreamCopier, "drain", "drain (waiting for the writer)")
     timed(ImageFile, "fdatasync", "fdatasync")
-    timed(Refcounts, "write_back", "flush metadata: refcounts")
-    timed(Clusters, "write_back", "flush metadata: L2 and L1")
-    timed(qimage.Qcow2Image, "set_backing", "set_backing (header + fdatasync)")
+    timed(Clusters, "write_back", "flush L2/L1")
+    timed(Refcounts, "write_back", "flush refcounts")
+    timed(Qcow2Image, "set_backing", "set_backing (header + fdatasync)")
     timed(ImageFile, "pwrite", "pwrite (metadata writes)")
     timed(BlockDevice, "quiesced", "quiesced (enter)")
 
@@ -111,9 +110,9 @@ def one(workdir: Path, kind: str, chunk: int, writeback: float | None = None, gu
 
         os.fsync(f.fileno())
     bench_stream.warm(workdir)
-    top = chain.open_chain(str(image))
-    device = BlockDevice("drive0", top)
-    base = stream.find_base(device, str(workdir / "base.qcow2")) if kind == "base" else None
+    opened = chain.open_chain(str(image))
+    device = BlockDevice("drive0", opened)
+    base = opened.find_base(str(workdir / "base.qcow2"), opened.top) if kind == "base" else None
     TIMES.clear()
     COUNTS.clear()
     bench_stream.prefault()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run
+from tests.support.commands import run
 
 from vdisk import errors
-from vdisk.block.chain import close_chain, open_chain
+from vdisk.block.chain import open_chain
 from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO
 from vdisk.formats.qcow2.check import check_image
 from vdisk.formats.qcow2.image import Qcow2Image
@@ -81,14 +81,15 @@ def test_qcow2_describes_its_backing_file_and_format(tmp_path: Path):
     Qcow2Image.create(str(top), MiB, cluster_size=4096, backing_file="base.raw", backing_format="raw")
     chain = open_chain(str(top), read_only=True)
     try:
-        assert (chain.backing_name, chain.backing_format) == ("base.raw", "raw")
-        facts = chain.describe()
+        image = chain.top
+        assert (image.backing_name, image.backing_format) == ("base.raw", "raw")
+        facts = image.describe()
         assert facts["cluster-size"] == 4096
         assert (facts["backing-filename"], facts["backing-filename-format"]) == ("base.raw", "raw")
         assert facts["format-specific"]["data"]["compat"] == "1.1" and facts["dirty-flag"] is False
-        assert chain.below is not None and chain.below.describe() == {}
+        assert image.below is not None and chain.nodes[1].describe() == {}
     finally:
-        close_chain(chain)
+        chain.close()
 
 
 def test_qcow2_partially_allocated_names_clusters_with_unallocated_subclusters(tmp_path: Path):

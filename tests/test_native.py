@@ -131,14 +131,14 @@ def test_stale_compiled_core_is_refused_with_a_warning(caplog):
         __file__="/x/_copier.so", ffi=None, lib=SimpleNamespace(vdisk_version=lambda: native.EXPECTED_VERSION + 1)
     )
     with caplog.at_level(logging.WARNING, logger="vdisk.io.native"):
-        assert native._core_from_module(stale) is None
+        assert native.core_from_module(stale) is None
     assert "stale" in caplog.text and "/x/_copier.so" in caplog.text
 
 
 def test_compiled_core_without_a_stamp_is_refused(caplog):
     stampless = SimpleNamespace(__file__="/x/_copier.so", ffi=None, lib=SimpleNamespace())
     with caplog.at_level(logging.WARNING, logger="vdisk.io.native"):
-        assert native._core_from_module(stampless) is None
+        assert native.core_from_module(stampless) is None
     assert "stale" in caplog.text
 
 

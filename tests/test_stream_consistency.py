@@ -313,7 +313,7 @@ class ModelClient:
         self.ops = {"write": 0, "zero": 0, "trim": 0, "read": 0}
         self.errors: list[str] = []
 
-    def _range(self, align: int = 1) -> tuple[int, int]:
+    def random_range(self, align: int = 1) -> tuple[int, int]:
         stripe = self.rng.choice(self.stripes) * STRIPE
         if align > 1:
             count = self.rng.randint(1, STRIPE // align)
@@ -326,23 +326,23 @@ class ModelClient:
         kind = self.rng.choices(["write", "zero", "trim", "read"], [5, 2, 1, 4])[0]
         self.ops[kind] += 1
         if kind == "write":
-            offset, length = self._range()
+            offset, length = self.random_range()
             data = self.rng.randbytes(length)
             self.h.pwrite(data, offset)
             self.model[offset : offset + length] = data
         elif kind == "zero":
-            offset, length = self._range()
+            offset, length = self.random_range()
             flags = 0 if self.rng.random() < 0.5 else nbd.CMD_FLAG_NO_HOLE
             self.h.zero(length, offset, flags)
             self.model[offset : offset + length] = bytes(length)
         elif kind == "trim":
             # whole clusters only: vdisk leaves partial clusters as they are, and a trimmed whole cluster of
             # a v3 image reads as zeros (zero flag with a backing file, unallocated without one)
-            offset, length = self._range(CLUSTER)
+            offset, length = self.random_range(CLUSTER)
             self.h.trim(length, offset)
             self.model[offset : offset + length] = bytes(length)
         else:
-            offset, length = self._range()
+            offset, length = self.random_range()
             got = self.h.pread(length, offset)
             if got != self.model[offset : offset + length]:
                 self.errors.append(f"read {offset:#x}+{length:#x} differs from the model")
@@ -441,7 +441,7 @@ def _read_loop(client: ModelClient, stop: threading.Event) -> None:
     """Reads of stripes nobody writes: during the stream they must always show the chain's data."""
     try:
         while not stop.is_set():
-            offset, length = client._range()
+            offset, length = client.random_range()
             if client.h.pread(length, offset) != client.model[offset : offset + length]:
                 client.errors.append(f"read {offset:#x}+{length:#x} of an untouched stripe changed")
     except Exception as exc:  # noqa: BLE001

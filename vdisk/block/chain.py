@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vdisk.errors import BackingChainError, FormatError, GenericError, StorageError
-from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, Node
+from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, Node, check_request
 from vdisk.formats.qcow2 import format as qcow2_format
 from vdisk.formats.qcow2.cache import CacheOptions
 from vdisk.formats.qcow2.image import Qcow2Image
@@ -406,7 +406,9 @@ class Chain:
     # --- the active image's callbacks, without the block device's locks --------------------------------
 
     def pread(self, buf, guest_offset: int) -> None:
-        self.read(buf, guest_offset)
+        view = memoryview(buf).cast("B")
+        check_request(guest_offset, len(view), self.size)
+        self.read(view, guest_offset)
 
     def pwrite(self, buf, guest_offset: int, *, fua: bool = False) -> None:
         self.top.pwrite(buf, guest_offset, fua=fua)

@@ -36,8 +36,8 @@ from collections.abc import Iterator
 from vdisk.block import chain as chains
 from vdisk.block.chain import Chain
 from vdisk.block.rangelock import COPY, READ, WRITE, RangeLock
-from vdisk.errors import GenericError, OutOfRange, ReadOnlyError, StorageError, VdiskError
-from vdisk.formats.node import Node
+from vdisk.errors import GenericError, ReadOnlyError, StorageError, VdiskError
+from vdisk.formats.node import Node, check_request
 from vdisk.formats.qcow2.cache import CacheOptions
 from vdisk.io import native
 
@@ -86,11 +86,6 @@ class BlockDevice:
         cs = self.cluster_size
         return offset // cs * cs, min(self.size, -(-(offset + length) // cs) * cs)
 
-    def _check(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise OutOfRange(f"request {offset}+{length} outside the disk of {self.size} bytes",
-                             offset=offset, length=length)
-
     def _writable(self) -> None:
         if self.read_only:
             raise ReadOnlyError(f"device {self.name} is read-only", path=self.top.path)
@@ -99,7 +94,7 @@ class BlockDevice:
 
     def pread(self, buf, offset: int) -> None:
         view = memoryview(buf).cast("B")
-        self._check(offset, len(view))
+        check_request(offset, len(view), self.size)
         if (self.copy_on_read or self.cor_active) and not self.read_only and len(self.chain.nodes) > 1:
             if self._read_with_copy(view, offset):
                 return
@@ -156,21 +151,21 @@ class BlockDevice:
     def pwrite(self, buf, offset: int, *, fua: bool = False) -> None:
         self._writable()
         view = memoryview(buf).cast("B")
-        self._check(offset, len(view))
+        check_request(offset, len(view), self.size)
         start, end = self.cluster_span(offset, len(view))
         with self.ranges.hold(start, end, WRITE):
             self.top.pwrite(view, offset, fua=fua)
 
     def write_zeroes(self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False) -> None:
         self._writable()
-        self._check(offset, length)
+        check_request(offset, length, self.size)
         start, end = self.cluster_span(offset, length)
         with self.ranges.hold(start, end, WRITE):
             self.top.write_zeroes(offset, length, may_trim=may_trim, fua=fua)
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._writable()
-        self._check(offset, length)
+        check_request(offset, length, self.size)
         start, end = self.cluster_span(offset, length)
         with self.ranges.hold(start, end, WRITE):
             self.top.trim(offset, length)
@@ -183,7 +178,7 @@ class BlockDevice:
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         """(offset, length, flags) for NBD base:allocation: data through the whole chain, else hole+zero."""
-        self._check(offset, length)
+        check_request(offset, length, self.size)
         out: list[tuple[int, int, int]] = []
         for e in chains.merge_extents(self.chain.block_status(offset, length)):
             flags = 0 if e.data else EXTENT_HOLE | EXTENT_ZERO

@@ -14,6 +14,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from vdisk.errors import OutOfRange
+
 # What one run of a node's ``map_units`` is (qemu-img map's terms in the comments).
 KIND_UNALLOCATED = 0  # this node holds nothing: read what shows through (present=false)
 KIND_DATA = 1  # data at ``host`` (data=true)
@@ -24,6 +26,13 @@ KIND_COMPRESSED = 3  # a compressed cluster; ``host`` is the format's raw descri
 # One run of a node's own allocation, (start, length, kind, host): guest [start, start + length) is ``kind``
 # at ``host`` (plain tuples: map_units is on the guest's hot path).
 Run = tuple[int, int, int, int]
+
+
+def check_request(guest_offset: int, length: int, size: int) -> None:
+    """A guest request must lie inside the disk: OutOfRange (EINVAL) otherwise."""
+    if guest_offset < 0 or length < 0 or guest_offset + length > size:
+        raise OutOfRange(f"request {guest_offset}+{length} outside the disk of {size} bytes",
+                         offset=guest_offset, length=length)
 
 
 class Below(Protocol):

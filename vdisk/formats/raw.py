@@ -15,9 +15,8 @@ import os
 import numpy as np
 
 from vdisk.errors import OutOfRange, ReadOnlyError, StorageError, UnsupportedFeature
-from vdisk.formats.buffers import zero_fill
-from vdisk.formats.node import KIND_DATA, KIND_ZERO, Below, Run, Status
-from vdisk.io import faults, locking, native
+from vdisk.formats.node import KIND_DATA, KIND_ZERO, Below, Run, Status, check_request
+from vdisk.io import faults, locking, native, sparse
 
 
 class RawImage:
@@ -56,18 +55,13 @@ class RawImage:
         except OSError as exc:
             raise StorageError.from_oserror(exc, path=path, action="create") from exc
 
-    def _check(self, guest_offset: int, length: int) -> None:
-        if guest_offset < 0 or length < 0 or guest_offset + length > self.size:
-            raise OutOfRange(f"request {guest_offset}+{length} outside the disk of {self.size} bytes",
-                             offset=guest_offset, length=length)
-
     def _writable(self) -> None:
         if self.read_only:
             raise ReadOnlyError("image is open read-only", path=self.path)
 
     def pread(self, buf, guest_offset: int) -> None:
         view = memoryview(buf).cast("B")
-        self._check(guest_offset, len(view))
+        check_request(guest_offset, len(view), self.size)
         if faults.ENABLED:
             faults.check(self.path, "read", guest_offset, len(view))
         native.pread_full(self.fd, view, guest_offset)
@@ -75,9 +69,9 @@ class RawImage:
     def read_mapped(self, buf, guest_offset: int, kind: int, host: int) -> None:
         """A run of ``map_units``: DATA at file offset ``host``, or ZERO (a hole)."""
         view = memoryview(buf).cast("B")
-        self._check(guest_offset, len(view))
+        check_request(guest_offset, len(view), self.size)
         if kind == KIND_ZERO:
-            zero_fill(view)
+            native.zero_fill(view)
             return
         if kind != KIND_DATA:
             raise OutOfRange(f"{self.path}: a raw file has no runs of kind {kind}", offset=guest_offset,
@@ -89,14 +83,14 @@ class RawImage:
     def pwrite(self, buf, guest_offset: int, *, fua: bool = False) -> None:
         self._writable()
         view = memoryview(buf).cast("B")
-        self._check(guest_offset, len(view))
+        check_request(guest_offset, len(view), self.size)
         native.pwrite_full(self.fd, view, guest_offset)
         if fua:
             self.flush()
 
     def write_zeroes(self, guest_offset: int, length: int, *, may_trim: bool = True, fua: bool = False) -> None:
         self._writable()
-        self._check(guest_offset, length)
+        check_request(guest_offset, length, self.size)
         try:
             mode = 0x02 | 0x01 if may_trim else 0x10  # PUNCH_HOLE|KEEP_SIZE, or ZERO_RANGE
             _fallocate(self.fd, mode, guest_offset, length)
@@ -107,7 +101,7 @@ class RawImage:
 
     def trim(self, guest_offset: int, length: int) -> None:
         self._writable()
-        self._check(guest_offset, length)
+        check_request(guest_offset, length, self.size)
         try:
             _fallocate(self.fd, 0x02 | 0x01, guest_offset, length)
         except OSError as exc:
@@ -133,22 +127,8 @@ class RawImage:
 
     def map_units(self, guest_offset: int, length: int) -> list[Run]:
         """Data where the file has data, zero where it has holes (SEEK_DATA/SEEK_HOLE), like QEMU."""
-        out: list[Run] = []
-        pos, end = guest_offset, guest_offset + length
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError:
-                data = end
-            if data > pos:
-                stop = min(data, end)
-                out.append((pos, stop - pos, KIND_ZERO, pos))
-                pos = stop
-                continue
-            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
-            out.append((pos, hole - pos, KIND_DATA, pos))
-            pos = hole
-        return out
+        return [(start, stop - start, KIND_ZERO if hole else KIND_DATA, start)
+                for start, stop, hole in sparse.host_extents(self.fd, guest_offset, length)]
 
     def block_status(self, guest_offset: int, length: int) -> list[Status]:
         """``map_units`` with every host offset known (the identity, 0 included)."""

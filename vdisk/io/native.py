@@ -519,7 +519,7 @@ class PythonCore(Core):
 # --- loading --------------------------------------------------------------------------------------------
 
 
-def _core_from_module(module: ModuleType) -> CCore | None:
+def core_from_module(module: ModuleType) -> CCore | None:
     """A :class:`CCore` for ``module``, or None (with a warning) when its version stamp is stale."""
     try:
         stamp = module.lib.vdisk_version()
@@ -548,7 +548,7 @@ def _load_c_core() -> CCore | None:
     except ImportError as exc:
         log.warning("compiled core vdisk._copier failed to load (%s); using the pure-Python fallback", exc)
         return None
-    return _core_from_module(copier)
+    return core_from_module(copier)
 
 
 _PYTHON_CORE = PythonCore()

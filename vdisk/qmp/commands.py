@@ -264,20 +264,6 @@ def block_job_set_speed(context: CommandContext, device: str, speed: int) -> Non
         _verb(context, job, lambda: job.set_speed(speed))
 
 
-@command("block-job-pause", {"device": "str"})
-def block_job_pause(context: CommandContext, device: str) -> None:
-    with context.jobs.lock:
-        job = context.jobs.find_block_job(device)
-        _verb(context, job, job.user_pause)
-
-
-@command("block-job-resume", {"device": "str"})
-def block_job_resume(context: CommandContext, device: str) -> None:
-    with context.jobs.lock:
-        job = context.jobs.find_block_job(device)
-        _verb(context, job, job.user_resume)
-
-
 @command("block-job-cancel", {"device": "str", "*force": "bool"})
 def block_job_cancel(context: CommandContext, device: str, force: bool = False) -> None:
     with context.jobs.lock:
@@ -285,25 +271,26 @@ def block_job_cancel(context: CommandContext, device: str, force: bool = False) 
         _verb(context, job, lambda: job.block_job_cancel(force))
 
 
-@command("block-job-complete", {"device": "str"})
-def block_job_complete(context: CommandContext, device: str) -> None:
-    with context.jobs.lock:
-        job = context.jobs.find_block_job(device)
-        _verb(context, job, job.complete)
+def _job_verb_command(find: Callable, verb: Callable, argument: str) -> Handler:
+    """A command that looks a job up by its one argument (``find``) and applies one verb to it."""
 
-
-def _job_verb_command(find: Callable, verb: Callable) -> Handler:
-    """A command that looks a job up by its ``id`` (``find``) and applies one verb to it."""
-
-    def run(context: CommandContext, id: str) -> None:  # noqa: A002 - QMP's argument name
+    def run(context: CommandContext, **named: str) -> None:
         with context.jobs.lock:
-            job = find(context.jobs, id)
+            job = find(context.jobs, named[argument])
             _verb(context, job, lambda: verb(job))
 
     return run
 
 
-# The commands that name a job by id and take no other argument: one table instead of a function each.
+# The commands that name a job by device or id and take no other argument: one table, not a function each.
+_DEVICE_VERBS: dict[str, Callable] = {
+    "block-job-pause": lambda job: job.user_pause(),
+    "block-job-resume": lambda job: job.user_resume(),
+    "block-job-complete": lambda job: job.complete(),
+}
+for _name, _apply in _DEVICE_VERBS.items():
+    command(_name, {"device": "str"})(_job_verb_command(JobRegistry.find_block_job, _apply, "device"))
+
 _ID_VERBS: dict[str, tuple[Callable, Callable]] = {
     "block-job-finalize": (JobRegistry.find_block_job, lambda job: job.finalize()),
     "block-job-dismiss": (JobRegistry.find_block_job, lambda job: job.dismiss()),
@@ -315,7 +302,7 @@ _ID_VERBS: dict[str, tuple[Callable, Callable]] = {
     "job-dismiss": (JobRegistry.find, lambda job: job.dismiss()),
 }
 for _name, (_find, _apply) in _ID_VERBS.items():
-    command(_name, {"id": "str"})(_job_verb_command(_find, _apply))
+    command(_name, {"id": "str"})(_job_verb_command(_find, _apply, "id"))
 
 
 # --- live snapshot ----------------------------------------------------------------------------------

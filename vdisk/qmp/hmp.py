@@ -94,17 +94,9 @@ def _run(run_command: RunCommand, cmd: str, args: list[str]) -> str:
         _need(rest, 1, "block_job_cancel [-f] device")
         run_command("block-job-cancel", device=rest[0], force=force)
         return ""
-    if cmd == "block_job_pause":
-        _need(args, 1, "block_job_pause device")
-        run_command("block-job-pause", device=args[0])
-        return ""
-    if cmd == "block_job_resume":
-        _need(args, 1, "block_job_resume device")
-        run_command("block-job-resume", device=args[0])
-        return ""
-    if cmd == "block_job_complete":
-        _need(args, 1, "block_job_complete device")
-        run_command("block-job-complete", device=args[0])
+    if cmd in ("block_job_pause", "block_job_resume", "block_job_complete"):
+        _need(args, 1, f"{cmd} device")
+        run_command(cmd.replace("_", "-"), device=args[0])
         return ""
     if cmd == "snapshot_blkdev":
         reuse = "-n" in args

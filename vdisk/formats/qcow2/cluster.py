@@ -39,15 +39,15 @@ import os
 import numpy as np
 
 from vdisk.errors import CorruptImage, OutOfRange, StorageError, UnsupportedFeature
-from vdisk.formats.buffers import zero_fill
-from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, Below, Run
+from vdisk.formats.node import (KIND_COMPRESSED, KIND_DATA, KIND_UNALLOCATED, KIND_ZERO, Below, Run,
+                               check_request)
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.cache import TableCache
 from vdisk.formats.qcow2.compressed import CompressedClusters
 from vdisk.formats.qcow2.file import ImageFile
 from vdisk.formats.qcow2.refcount import Refcounts
 from vdisk.formats.qcow2.tables import Table, l2_units, runs
-from vdisk.io import faults
+from vdisk.io import faults, native
 
 # map_units ranges of at most this many clusters (in one L2 table) take the scalar path
 SCALAR_MAP_CLUSTERS = 64
@@ -275,16 +275,11 @@ class Clusters:
 
     # --- reads ---------------------------------------------------------------------------------------
 
-    def _check_range(self, guest_offset: int, length: int) -> None:
-        if guest_offset < 0 or length < 0 or guest_offset + length > self.file.size:
-            raise OutOfRange(f"request {guest_offset}+{length} outside the disk of {self.file.size} bytes",
-                             offset=guest_offset, length=length)
-
     def pread(self, buf, guest_offset: int) -> None:
         """Fill ``buf`` with this image's content at guest_offset: its own runs, ``below`` where it has none."""
         view = memoryview(buf).cast("B")
         length = len(view)
-        self._check_range(guest_offset, length)
+        check_request(guest_offset, length, self.file.size)
         if (length and (guest_offset & (self._cs - 1)) + length <= self._cs
                 and not self._extended and not faults.ENABLED):
             # One cluster (the small random read): one L2 lookup per chain level, one preadv.
@@ -310,7 +305,7 @@ class Clusters:
         """Fill ``buf`` with guest bytes at ``guest_offset`` from one of this image's own runs (DATA at
         ``host``, ZERO, or COMPRESSED with ``host`` its L2 entry)."""
         view = memoryview(buf).cast("B")
-        self._check_range(guest_offset, len(view))
+        check_request(guest_offset, len(view), self.file.size)
         if kind == KIND_UNALLOCATED:
             raise OutOfRange(f"{self.file.path}: guest {guest_offset:#x} is not allocated in this image",
                              offset=guest_offset, length=len(view))
@@ -320,7 +315,7 @@ class Clusters:
         if kind == KIND_DATA:
             self.file.pread_into(dst, host)
         elif kind == KIND_ZERO:
-            zero_fill(dst)
+            native.zero_fill(dst)
         else:
             in_cluster = guest_offset & (self._cs - 1)
             dst[:] = self._compressed.read(host)[in_cluster : in_cluster + len(dst)]
@@ -329,12 +324,12 @@ class Clusters:
         """What an unallocated range reads as: ``below``, zeros past its end or without one."""
         below = self.below
         if below is None or guest_offset >= below.size:
-            zero_fill(dst)
+            native.zero_fill(dst)
             return
         inside = min(len(dst), below.size - guest_offset)
         below.pread(dst[:inside], guest_offset)
         if inside < len(dst):
-            zero_fill(dst[inside:])
+            native.zero_fill(dst[inside:])
 
     def _read_cluster(self, dst: memoryview, cluster: int) -> None:
         """The current guest content of a whole cluster (for copy-on-write; caller holds the lock)."""
@@ -342,7 +337,7 @@ class Clusters:
         length = min(self._cs, self.file.size - c_start)
         self.pread(dst[:length], c_start)
         if length < self._cs:
-            zero_fill(dst[length:])
+            native.zero_fill(dst[length:])
 
     # --- writes --------------------------------------------------------------------------------------
 
@@ -350,7 +345,7 @@ class Clusters:
         """Write ``buf`` at guest_offset: in place where allocated, else into newly allocated clusters."""
         self.file.check_writable()
         view = memoryview(buf).cast("B")
-        self._check_range(guest_offset, len(view))
+        check_request(guest_offset, len(view), self.file.size)
         if not len(view):
             return
         first = guest_offset >> self._bits
@@ -522,7 +517,7 @@ class Clusters:
     def write_zeroes(self, guest_offset: int, length: int, *, may_trim: bool = True) -> None:
         """Make a range read as zeros; whole clusters become zero clusters, never written-out zeros."""
         self.file.check_writable()
-        self._check_range(guest_offset, length)
+        check_request(guest_offset, length, self.file.size)
         head, whole_first, whole_last, tail = self._split_whole_clusters(guest_offset, length)
         for start, count in (head, tail):
             if count:
@@ -539,7 +534,7 @@ class Clusters:
     def trim(self, guest_offset: int, length: int) -> None:
         """Discard whole clusters in the range (partial clusters are left as they are, as QEMU does)."""
         self.file.check_writable()
-        self._check_range(guest_offset, length)
+        check_request(guest_offset, length, self.file.size)
         _, whole_first, whole_last, _ = self._split_whole_clusters(guest_offset, length)
         if whole_last > whole_first:
             self._set_clusters(whole_first, whole_last, zero=False, keep_allocation=False)

@@ -19,7 +19,7 @@ import numpy as np
 from vdisk.errors import CorruptImage, ReadOnlyError, StorageError
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.cache import MetadataLock
-from vdisk.io import faults, iolog, native
+from vdisk.io import faults, iolog, native, sparse
 
 
 class ImageFile:
@@ -147,24 +147,5 @@ class ImageFile:
             raise StorageError.from_oserror(exc, path=self.path, action="fdatasync") from exc
 
     def host_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """[offset, offset + length) of the file as (start, stop, is_hole) runs: SEEK_DATA/SEEK_HOLE, and
-        everything past the end of the file a hole."""
-        out: list[tuple[int, int, bool]] = []
-        pos, end = offset, offset + length
-        file_size = self.file_size()
-        while pos < end:
-            if pos >= file_size:
-                out.append((pos, end, True))
-                break
-            try:
-                data_at = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole up to the end of the file
-                data_at = file_size
-            if data_at > pos:
-                stop = min(data_at, end)
-                out.append((pos, stop, True))
-            else:
-                stop = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
-                out.append((pos, stop, False))
-            pos = stop
-        return out
+        """[offset, offset + length) of the file as (start, stop, is_hole) runs (``vdisk.io.sparse``)."""
+        return sparse.host_extents(self.fd, offset, length)

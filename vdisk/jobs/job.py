@@ -73,7 +73,7 @@ from vdisk.errors import GenericError, InvalidArgument, StateError, VdiskError
 logger = logging.getLogger(__name__)
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     """qapi/job.json JobStatus, in QEMU's order (the order of the table columns)."""
 
     UNDEFINED = "undefined"
@@ -88,11 +88,8 @@ class JobStatus(str, enum.Enum):
     CONCLUDED = "concluded"
     NULL = "null"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class JobVerb(str, enum.Enum):
+class JobVerb(enum.StrEnum):
     """qapi/job.json JobVerb."""
 
     CANCEL = "cancel"
@@ -104,11 +101,8 @@ class JobVerb(str, enum.Enum):
     FINALIZE = "finalize"
     CHANGE = "change"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class JobType(str, enum.Enum):
+class JobType(enum.StrEnum):
     """qapi/job.json JobType."""
 
     COMMIT = "commit"
@@ -120,9 +114,6 @@ class JobType(str, enum.Enum):
     SNAPSHOT_LOAD = "snapshot-load"
     SNAPSHOT_SAVE = "snapshot-save"
     SNAPSHOT_DELETE = "snapshot-delete"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 #: blockjob.c is_block_job(): the types that emit BLOCK_JOB_* events and show in query-block-jobs.

@@ -1,6 +1,6 @@
 """Limits a server needs, each pinned against a real `vdisk serve`: connections, request sizes, bytes in flight
 per connection, QMP clients and QMP message size.  What enforces each (nbdkit's limit filter, nbdkit itself,
-our monitor) is written down in ``vdisk/serve.py`` ("Limits").
+our monitor) is written down in ``vdisk/serving/launcher.py`` ("Limits").
 
 nbdkit has no handshake timeout (not in 1.32, not later): what we can promise instead is pinned here too, that
 a client stalled in the handshake holds no connection slot and blocks nobody.

@@ -16,8 +16,10 @@ detects loops by (device, inode) and bounds the depth, so a hostile image cannot
 arbitrary files: ``json:`` and protocol names (``nbd:``, ``http:``...) are refused, and ``allowed_dirs`` can
 pin backing files to directories.
 
-Switches (``push``, ``drop_between``, ``replace``) change the list and relink the ``below`` readers.  They run
-with every guest request held out (the block device's quiesce); a reader holds no piece across them.
+Switches (``push``, ``drop_between``, ``replace``) publish a new list and relink the ``below`` readers; they
+never change a list in place, so a walk that took the old list ends on it.  They run with every guest
+request held out (the block device's quiesce), so no guest request spans one; a dropped node is closed only
+after the switch, when no request can reach it.
 """
 
 from __future__ import annotations
@@ -201,9 +203,8 @@ class Below:
 
     __slots__ = ("chain", "depth", "size")
 
-    def __init__(self, chain: Chain, depth: int):
-        self.chain, self.depth = chain, depth
-        self.size = chain.nodes[depth].size
+    def __init__(self, chain: Chain, depth: int, size: int):
+        self.chain, self.depth, self.size = chain, depth, size
 
     def pread(self, buf, guest_offset: int) -> None:
         self.chain.read(buf, guest_offset, first=self.depth)
@@ -215,12 +216,14 @@ class Chain:
     def __init__(self, nodes: list[Node]):
         if not nodes:
             raise GenericError("a chain needs at least one node")
-        self.nodes = nodes
-        self._link()
+        self._publish(nodes)
 
-    def _link(self) -> None:
-        for depth, node in enumerate(self.nodes):
-            node.below = Below(self, depth + 1) if depth + 1 < len(self.nodes) else None
+    def _publish(self, nodes: list[Node]) -> None:
+        """Make ``nodes`` the chain: link each node's ``below``, then swap the list in whole (a walker that
+        took the old list finishes on it; no list a walker holds is ever changed)."""
+        for depth, node in enumerate(nodes):
+            node.below = Below(self, depth + 1, nodes[depth + 1].size) if depth + 1 < len(nodes) else None
+        self.nodes = nodes
 
     @property
     def top(self) -> Node:
@@ -431,8 +434,7 @@ class Chain:
         """A live snapshot: ``overlay`` (whose backing name points at the top) becomes the active image."""
         if overlay.size != self.size:
             raise GenericError(f"Snapshot '{overlay.path}' has size {overlay.size}, the device {self.size}")
-        self.nodes.insert(0, overlay)
-        self._link()
+        self._publish([overlay, *self.nodes])
 
     def drop_between(self, target: Node, base: Node | None, backing_name: str | None,
                      backing_format: str | None) -> list[Node]:
@@ -442,14 +444,14 @@ class Chain:
         stop = self.depth_of(base) if base is not None else len(self.nodes)
         target.set_backing(backing_name, backing_format)
         dropped = self.nodes[depth + 1 : stop]
-        del self.nodes[depth + 1 : stop]
-        self._link()
+        self._publish(self.nodes[: depth + 1] + self.nodes[stop:])
         return dropped
 
     def replace(self, old: Node, new: Node) -> None:
         """Put ``new`` (the same file opened again) in ``old``'s place."""
-        self.nodes[self.depth_of(old)] = new
-        self._link()
+        nodes = list(self.nodes)
+        nodes[self.depth_of(old)] = new
+        self._publish(nodes)
 
     def backing_name_for(self, target: Node, base: Node | None) -> tuple[str | None, str | None]:
         """The backing name to write into ``target`` for ``base``: as it stood in the chain, re-relativised.

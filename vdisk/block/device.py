@@ -180,7 +180,9 @@ class BlockDevice:
         """(offset, length, flags) for NBD base:allocation: data through the whole chain, else hole+zero."""
         check_request(offset, length, self.size)
         out: list[tuple[int, int, int]] = []
-        for e in chains.merge_extents(self.chain.block_status(offset, length)):
+        with self.ranges.hold(offset, offset + length, READ):  # no chain switch under the walk
+            extents = chains.merge_extents(self.chain.block_status(offset, length))
+        for e in extents:
             flags = 0 if e.data else EXTENT_HOLE | EXTENT_ZERO
             if out and out[-1][2] == flags and out[-1][0] + out[-1][1] == e.start:
                 out[-1] = (out[-1][0], out[-1][1] + e.length, flags)

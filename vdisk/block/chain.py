@@ -307,9 +307,11 @@ class Chain:
         view = memoryview(buf).cast("B")
         length = len(view)
         nodes = self.nodes
-        # The small request inside one run of every node it meets (a 4 KiB random read): one map_units call
-        # per level, no pieces.
-        for depth in range(first, len(nodes)):
+        # A request inside one run of every node it meets (a 4 KiB random read, a read of a range the top
+        # does not hold): one map_units call per level, no pieces.  Where a node splits the request, the walk
+        # resolves from that node on: the nodes above hold none of it.
+        depth = first
+        while depth < len(nodes):
             node = nodes[depth]
             if guest_offset + length > node.size:
                 break
@@ -320,10 +322,11 @@ class Chain:
             if kind != KIND_UNALLOCATED:
                 node.read_mapped(view, guest_offset, kind, host)
                 return
+            depth += 1
         else:
             native.zero_fill(view)
             return
-        self.read_pieces(view, guest_offset, self.resolve(guest_offset, guest_offset + length, first=first),
+        self.read_pieces(view, guest_offset, self.resolve(guest_offset, guest_offset + length, first=depth),
                          [(guest_offset, guest_offset + length)])
 
     def read_pieces(self, view: memoryview, view_start: int, pieces: list[Piece],

@@ -53,7 +53,7 @@ import os
 import numpy as np
 
 from vdisk.errors import CorruptImage, FormatError, OutOfRange, StorageError, UnsupportedFeature
-from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_ZERO, Below, Run, Status
+from vdisk.formats.node import KIND_COMPRESSED, KIND_DATA, KIND_ZERO, Below, Status
 from vdisk.formats.qcow2 import format as fmt
 from vdisk.formats.qcow2.cache import CacheOptions, cache_tables
 from vdisk.formats.qcow2.check import check_image
@@ -86,6 +86,10 @@ class Qcow2Image:
         l2_tables, refcount_tables = cache_tables(cache, header.size, header.cluster_size, header.l2_entry_bytes)
         self.refcounts = Refcounts(self.file, refcount_tables)
         self.clusters = Clusters(self.file, self.refcounts, l2_tables)
+        # The two calls every guest read makes on every level of the chain, bound straight to the part that
+        # answers them (a delegating method per call costs a Python frame on the hot path).
+        self.map_units = self.clusters.map_units
+        self.read_mapped = self.clusters.read_mapped
         self._closed = False
 
     # ---------------------------------------------------------------------------------------------------
@@ -311,12 +315,6 @@ class Qcow2Image:
 
     # ---------------------------------------------------------------------------------------------------
     # guest requests (the mapping and its changes: vdisk.formats.qcow2.cluster)
-
-    def map_units(self, guest_offset: int, length: int) -> list[Run]:
-        return self.clusters.map_units(guest_offset, length)
-
-    def read_mapped(self, buf, guest_offset: int, kind: int, host: int) -> None:
-        self.clusters.read_mapped(buf, guest_offset, kind, host)
 
     def pread(self, buf, guest_offset: int) -> None:
         self.clusters.pread(buf, guest_offset)

@@ -359,17 +359,20 @@ class Chain:
             if b > cursor:
                 native.zero_fill(view[cursor - view_start : b - view_start])
 
-    def copy_plan(self, target: Node, start: int, end: int, base: Node | None) -> tuple[np.ndarray, list[Piece]]:
+    def copy_plan(self, target: Node, start: int, end: int, base: Node | None, *,
+                  with_target: bool = False) -> tuple[np.ndarray, list[Piece]]:
         """The clusters of [start, end) that ``target`` holds nothing of and the chain between it and
-        ``base`` holds (what a stream or a copy-on-read copies), and the pieces of the range from the
-        target down (the target's own ones included)."""
+        ``base`` holds (what a stream or a copy-on-read copies), and the pieces of the range below the target
+        (``with_target``: from the target down, its own pieces included, for a read of the whole range)."""
         cs = target.cluster_size
         first, count = start // cs, -(-(end - start) // cs)
         free = target.unallocated_clusters(first, count)
         if not free.any():
             return free, []
         depth = self.depth_of(target)
-        pieces = self.resolve(start, end, first=depth, base=base)
+        if depth + 1 >= len(self.nodes) and not with_target:
+            return np.zeros(count, dtype=bool), []
+        pieces = self.resolve(start, end, first=depth if with_target else depth + 1, base=base)
         held = np.zeros(count, dtype=bool)
         for p in pieces:
             if p.held and p.depth > depth:

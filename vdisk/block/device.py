@@ -121,7 +121,7 @@ class BlockDevice:
         if token is None:
             return False
         try:
-            wanted, pieces = self.chain.copy_plan(top, start, end, self.cor_base)
+            wanted, pieces = self.chain.copy_plan(top, start, end, self.cor_base, with_target=True)
             if not wanted.any():
                 return False
             buf = bytearray(len(wanted) * cs)

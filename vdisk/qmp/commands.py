@@ -13,6 +13,7 @@ one way (commands -> hmp).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -70,14 +71,14 @@ def dispatch(context: CommandContext, request: connection.Command) -> bytes:
 # --- lookups ----------------------------------------------------------------------------------------
 
 
+_AUTOMATIC_NODE_NAMES = itertools.count(1)
+
+
 def node_name(node) -> str:
     """QEMU-style automatic node names, stable for the life of the node object."""
-    name = getattr(node, "node_name", None)
-    if name is None:
-        node_name.counter = getattr(node_name, "counter", 0) + 1
-        name = f"#block{node_name.counter:03d}"
-        node.node_name = name
-    return name
+    if node.node_name is None:
+        node.node_name = f"#block{next(_AUTOMATIC_NODE_NAMES):03d}"
+    return node.node_name
 
 
 def find_device_or_node(context: CommandContext, device: str):

@@ -47,13 +47,14 @@ class JobRegistry:
             if job.status is JobStatus.NULL:
                 del self.jobs[job_id]
 
-    def add(self, job: BlockJob) -> None:
-        if job.id in self.jobs:
-            raise GenericError(f"Job ID '{job.id}' already in use")
-        self.jobs[job.id] = job
+    def check_unused(self, job_id: str) -> None:
+        """QEMU's refusal of a job ID already taken (asked before a job's set-up, and again by ``add``)."""
+        if job_id in self.jobs:
+            raise GenericError(f"Job ID '{job_id}' already in use")
 
-    def __contains__(self, job_id: str) -> bool:
-        return job_id in self.jobs
+    def add(self, job: BlockJob) -> None:
+        self.check_unused(job.id)
+        self.jobs[job.id] = job
 
     def __iter__(self) -> Iterator[BlockJob]:
         return iter(list(self.jobs.values()))

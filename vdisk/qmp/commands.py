@@ -224,8 +224,7 @@ def block_stream(context: CommandContext, device: str, job_id: str | None = None
         if dev.job is not None:
             raise _busy(dev)
         job_id = job_id if job_id is not None else dev.name
-        if job_id in context.jobs:
-            raise GenericError(f"Job ID '{job_id}' already in use")
+        context.jobs.check_unused(job_id)
         target = None
         if node is not dev.top:
             # QEMU's stream into an intermediate image: it is writable for the job's life (bdrv_reopen).
